@@ -1,0 +1,5 @@
+import sys
+
+from quantlab.cli import main
+
+sys.exit(main())

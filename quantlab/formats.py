@@ -1,0 +1,231 @@
+"""Quantization formats: what a number format is, and how many bytes it costs.
+
+A format is a frozen dataclass: the number system (integer, FP8, NF4), the bit width, symmetric or
+asymmetric, the granularity at which scales are shared, the dtype the scales are stored in and the
+way the clipping range is chosen. Everything else in QuantLab takes a ``QuantFormat``.
+
+Worked example, INT4 with groups of 128, fp16 scales and 4-bit zero-points::
+
+    >>> fmt = QuantFormat.parse("int4-g128-asym")
+    >>> round(fmt.bits_per_weight(in_features=4096), 3)
+    4.156
+
+That is 4 bits per weight plus one 16-bit scale and one 4-bit zero-point per 128 weights.
+
+Symmetric integers use the *restricted* range [-(2^(b-1)-1), 2^(b-1)-1] (e.g. [-7, 7] at 4 bits):
+the grid is then symmetric about zero, ``scale = absmax / qmax`` maps both +absmax and -absmax
+exactly onto the grid, and no value is clipped by min-max calibration. The full range would add one
+negative code (-8) that only the most negative value could ever use, at the cost of a lopsided grid.
+This is the convention of GPTQ's and compressed-tensors' symmetric int checkpoints' values too:
+every restricted code also lies in the full range, so exported files load anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from quantlab.errors import FormatError
+
+SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FP8_DTYPES = {"fp8-e4m3": torch.float8_e4m3fn, "fp8-e5m2": torch.float8_e5m2}
+KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
+RANGE_METHODS = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Which values share one scale.
+
+    ``tensor``: the whole tensor; ``channel``: each output row (dim 0); ``group``: runs of
+    ``group_size`` consecutive values along the input dimension (the last one) of each row.
+    """
+
+    kind: str = "channel"  # "tensor" | "channel" | "group"
+    group_size: int = 0  # only for "group"; must divide the input dimension
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("tensor", "channel", "group"):
+            raise FormatError(f"granularity must be tensor, channel or group, got {self.kind!r}")
+        if self.kind == "group" and self.group_size < 1:
+            raise FormatError(f"group size must be a positive integer, got {self.group_size}")
+        if self.kind != "group" and self.group_size != 0:
+            raise FormatError(f"group_size is only meaningful for group granularity, not {self.kind}")
+
+    @classmethod
+    def from_group_size(cls, group_size: int) -> Granularity:
+        """The CLI convention: ``0`` per-channel, ``-1`` per-tensor, ``N > 0`` groups of N."""
+        if group_size == 0:
+            return cls("channel")
+        if group_size == -1:
+            return cls("tensor")
+        if group_size > 0:
+            return cls("group", group_size)
+        raise FormatError(f"group size {group_size} is invalid: use a positive size, 0 (per-channel) or -1 (per-tensor)")
+
+    @property
+    def label(self) -> str:
+        return f"g{self.group_size}" if self.kind == "group" else {"tensor": "per-tensor", "channel": "per-channel"}[self.kind]
+
+    def groups_per_row(self, in_features: int) -> int:
+        return in_features // self.group_size if self.kind == "group" else 1
+
+    def check_divides(self, in_features: int) -> None:
+        """Raise a FormatError that lists the valid group sizes when this one does not fit."""
+        if self.kind != "group":
+            return
+        if self.group_size > in_features or in_features % self.group_size:
+            raise FormatError(
+                f"group size {self.group_size} does not divide the input dimension {in_features}; "
+                f"use one of {valid_group_sizes(in_features)} or per-channel (0)"
+            )
+
+
+def valid_group_sizes(in_features: int) -> list[int]:
+    """Power-of-two group sizes from 16 that divide ``in_features`` (the ones kernels support)."""
+    sizes = [g for g in (16, 32, 64, 128, 256, 512, 1024) if g <= in_features and in_features % g == 0]
+    return sizes or [d for d in range(2, min(in_features, 1024) + 1) if in_features % d == 0][:8]
+
+
+# The 16 levels of NormalFloat4 (Dettmers et al., QLoRA 2023): quantiles of N(0, 1) scaled to
+# [-1, 1], with an exact zero. Values as published in bitsandbytes.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One quantization format. Validated on construction; ``parse`` reads names like ``int4-g128``."""
+
+    kind: str = "int"  # "int" | "fp8-e4m3" | "fp8-e5m2" | "nf4"
+    n_bits: int = 8  # integer width 2..8; fixed at 8 for FP8 and 4 for NF4
+    symmetric: bool = True  # asymmetric adds an integer zero-point per scale (ints only)
+    granularity: Granularity = field(default_factory=Granularity)
+    scale_dtype: str = "fp16"  # how scales are stored; quantization uses the stored (rounded) scale
+    range_method: str = "minmax"  # "minmax" | "percentile" | "mse"
+    percentile: float = 99.9  # for "percentile": the share of |x| kept inside the range, in (0, 100]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise FormatError(f"unknown format {self.kind!r}; use int2..int8, fp8-e4m3, fp8-e5m2 or nf4")
+        expected = {"nf4": 4, "fp8-e4m3": 8, "fp8-e5m2": 8}.get(self.kind)
+        if expected is not None and self.n_bits != expected:
+            raise FormatError(f"{self.kind} has {expected} bits, not {self.n_bits}")
+        if self.kind == "int" and not 2 <= self.n_bits <= 8:
+            raise FormatError(f"integer bits must be between 2 and 8, got {self.n_bits}")
+        if self.kind != "int" and not self.symmetric:
+            raise FormatError(f"{self.kind} is symmetric by construction; drop --asym")
+        if self.kind == "nf4" and self.granularity.kind == "tensor":
+            raise FormatError("nf4 uses per-group or per-channel absmax scales, not per-tensor")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise FormatError(f"scale dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.range_method not in RANGE_METHODS:
+            raise FormatError(f"range method must be one of {RANGE_METHODS}, got {self.range_method!r}")
+        if not 0 < self.percentile <= 100:
+            raise FormatError(f"percentile must be in (0, 100], got {self.percentile}")
+
+    # --- integer grid -------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        if self.kind != "int":
+            raise FormatError(f"{self.kind} has no integer grid")
+        return -(2 ** (self.n_bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        if self.kind != "int":
+            raise FormatError(f"{self.kind} has no integer grid")
+        return 2 ** (self.n_bits - 1) - 1 if self.symmetric else 2**self.n_bits - 1
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def has_zero_point(self) -> bool:
+        return self.kind == "int" and not self.symmetric
+
+    # --- names --------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        base = f"int{self.n_bits}" if self.kind == "int" else self.kind
+        parts = [base, self.granularity.label]
+        if self.has_zero_point:
+            parts.append("asym")
+        return "-".join(parts)
+
+    @classmethod
+    def parse(cls, text: str, **overrides) -> QuantFormat:
+        """Read ``int4``, ``int4-g128``, ``int8-per-channel``, ``int3-g64-asym``, ``fp8-e4m3``, ``nf4-g64``.
+
+        Without a granularity, integers and FP8 default to per-channel and NF4 to groups of 64.
+        Keyword ``overrides`` (e.g. ``scale_dtype="fp32"``) replace fields afterwards.
+        """
+        match = re.fullmatch(
+            r"(int(?P<bits>\d+)|(?P<kind>fp8-e4m3|fp8-e5m2|nf4))"
+            r"(-(?P<gran>g(?P<gs>\d+)|per-channel|per-tensor|channel|tensor))?(?P<asym>-asym)?",
+            text.strip().lower(),
+        )
+        if not match:
+            raise FormatError(
+                f"cannot read format {text!r}; examples: int8, int4-g128, int3-g64-asym, fp8-e4m3, nf4-g64"
+            )
+        kind = match["kind"] or "int"
+        n_bits = int(match["bits"]) if match["bits"] else {"nf4": 4}.get(kind, 8)
+        gran_text = match["gran"] or ("g64" if kind == "nf4" else "per-channel")
+        if gran_text.startswith("g"):
+            granularity = Granularity("group", int(gran_text[1:]))
+        else:
+            granularity = Granularity("tensor" if "tensor" in gran_text else "channel")
+        fmt = cls(kind=kind, n_bits=n_bits, symmetric=not match["asym"], granularity=granularity)
+        return replace(fmt, **overrides) if overrides else fmt
+
+    # --- storage ------------------------------------------------------------------------
+    def scales_per_row(self, in_features: int) -> int:
+        self.granularity.check_divides(in_features)
+        return self.granularity.groups_per_row(in_features)
+
+    def storage(self, out_features: int, in_features: int) -> StorageBreakdown:
+        """Exact bytes of a packed (out_features, in_features) weight in this format.
+
+        Integer codes are packed densely (``ceil(numel * bits / 8)`` bytes), as ``pack`` does;
+        zero-points are packed at ``n_bits`` each; scales take their dtype's width.
+        """
+        n_scales = 1 if self.granularity.kind == "tensor" else out_features * self.scales_per_row(in_features)
+        numel = out_features * in_features
+        scale_bytes = n_scales * torch.tensor([], dtype=self.torch_scale_dtype).element_size()
+        zero_bytes = math.ceil(n_scales * self.n_bits / 8) if self.has_zero_point else 0
+        return StorageBreakdown(numel, math.ceil(numel * self.n_bits / 8), scale_bytes, zero_bytes)
+
+    def bits_per_weight(self, in_features: int, out_features: int = 4096) -> float:
+        """Effective bits per weight including scale and zero-point overhead.
+
+        For group and channel granularity this does not depend on ``out_features``; for
+        per-tensor it does (barely), hence the default of a typical layer's height.
+        """
+        return self.storage(out_features, in_features).bits_per_weight
+
+
+@dataclass(frozen=True)
+class StorageBreakdown:
+    """Bytes of one packed weight: codes, scales and zero-points."""
+
+    numel: int
+    weight_bytes: int
+    scale_bytes: int
+    zero_point_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.scale_bytes + self.zero_point_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.total_bytes / self.numel if self.numel else 0.0

@@ -1,0 +1,269 @@
+"""Quantization primitives: choose scales, quantize, dequantize, fake-quantize. Torch only.
+
+Every granularity goes through one code path: the tensor is viewed as blocks of shape
+``(rows, groups, group_size)`` and one scale (and zero-point) is chosen per block::
+
+    per-tensor   (1, 1, numel)
+    per-channel  (out, 1, in)
+    group g      (out, in / g, g)
+
+Maths is done in fp32 whatever the input dtype (fp16's x/s overflows for small scales, bf16's
+8-bit mantissa cannot hold round(x/s) exactly), and results are cast back to the input dtype.
+Inputs are never modified. Scales are rounded to their storage dtype *before* the codes are
+computed, so that what ``dequantize`` returns is exactly what a packed file would give.
+
+Example (INT4 symmetric per-tensor on four values)::
+
+    >>> fmt = QuantFormat.parse("int4-per-tensor")
+    >>> fake_quantize(torch.tensor([0.0, 0.5, -1.0, 0.7]), fmt)
+    tensor([ 0.0000,  0.5713, -0.9998,  0.7141])
+
+absmax = 1.0 and qmax = 7 give s = 1/7, stored as fp16 0.14282; 0.5 / s = 3.5009 rounds to 4,
+so 0.5 comes back as 4s = 0.5713, and -1.0 as -7s = -0.9998 (the fp16 rounding of the scale).
+
+Idempotence: re-quantizing a dequantized tensor with the same qparams returns the same codes for
+every format; with freshly chosen min-max qparams it does too for symmetric formats. Asymmetric
+min-max is not idempotent in general: the rounded zero-point can leave the top code unused, so
+the dequantized tensor spans a smaller range than the grid and a fresh scale comes out smaller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantlab.errors import FormatError, QuantizationError
+from quantlab.formats import FP8_DTYPES, NF4_LEVELS, QuantFormat
+
+MSE_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.00, 0.95, ..., 0.50
+# Smallest positive scale per storage dtype: an all-zero block would otherwise divide by zero.
+# fp16's smallest subnormal (2^-24) survives the cast; bf16 and fp32 share fp32's exponent range.
+_MIN_SCALE = {torch.float16: 2.0**-24, torch.bfloat16: 1e-30, torch.float32: 1e-30}
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale (and zero-point) per block, shapes (rows, groups, 1)."""
+
+    scale: torch.Tensor  # stored dtype of the format (fp16/bf16/fp32)
+    zero_point: torch.Tensor | None  # int32 in [0, 2^b - 1]; None when symmetric
+    clip_ratio: torch.Tensor  # fp32, the fraction of the min-max range kept (1 = no clipping)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A quantized tensor: codes in the input's shape plus what is needed to dequantize them."""
+
+    codes: torch.Tensor  # int8 (sym int), uint8 (asym int, NF4 index) or a float8 dtype
+    qparams: QParams
+    fmt: QuantFormat
+    dtype: torch.dtype  # the input dtype, restored by dequantize
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """How a quantization went: what was clipped and what it cost."""
+
+    clipped_fraction: float  # share of values outside the representable range (clamped)
+    mse: float  # mean squared error over all values
+    relative_error: float  # ||x - x_hat||^2 / ||x||^2
+    clipping_mse: float  # the part of the MSE contributed by clipped values
+    rounding_mse: float  # the part contributed by values inside the range
+
+
+def to_blocks(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """View ``x`` as fp32 blocks (rows, groups, group_size). 1-D is one row; N-D rows are dim 0..N-2."""
+    x2 = x.reshape(1, -1) if x.dim() <= 1 else x.reshape(-1, x.shape[-1])
+    kind = fmt.granularity.kind
+    if kind == "tensor":
+        return x2.float().reshape(1, 1, -1)
+    if kind == "channel":
+        return x2.float().unsqueeze(1)
+    fmt.granularity.check_divides(x2.shape[1])
+    return x2.float().reshape(x2.shape[0], -1, fmt.granularity.group_size)
+
+
+def _block_range(blocks: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (lo, hi) each block would use before any clipping search, each (rows, groups, 1)."""
+    symmetric_grid = fmt.symmetric
+    if fmt.range_method == "percentile" and fmt.percentile < 100:
+        q = fmt.percentile / 100
+        if symmetric_grid:
+            hi = _quantile(blocks.abs(), q)
+            return -hi, hi
+        tail = (1 - q) / 2
+        return _quantile(blocks, tail), _quantile(blocks, 1 - tail)
+    if symmetric_grid:
+        hi = blocks.abs().amax(dim=-1, keepdim=True)
+        return -hi, hi
+    return blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+
+
+def _quantile(blocks: torch.Tensor, q: float) -> torch.Tensor:
+    # kthvalue rather than torch.quantile: the latter refuses inputs over 16M elements.
+    n = blocks.shape[-1]
+    k = min(n, max(1, round(q * n)))
+    return blocks.kthvalue(k, dim=-1, keepdim=True).values
+
+
+def _qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (rounded to its storage dtype, returned in fp32) and zero-point for a range."""
+    if fmt.kind == "int" and not fmt.symmetric:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the range must contain 0 exactly
+        scale = (hi - lo) / (2**fmt.n_bits - 1)
+    else:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        scale = absmax / _grid_max(fmt)
+    stored = scale.to(fmt.torch_scale_dtype).clamp(min=_MIN_SCALE[fmt.torch_scale_dtype])
+    scale = stored.float()
+    if not fmt.has_zero_point:
+        return scale, None
+    zero_point = torch.round(-lo / scale).clamp(0, 2**fmt.n_bits - 1).to(torch.int32)
+    return scale, zero_point
+
+
+def _grid_max(fmt: QuantFormat) -> float:
+    """The largest code magnitude: qmax for ints, the largest finite float8, 1 for NF4."""
+    if fmt.kind == "int":
+        return float(fmt.qmax)
+    if fmt.kind == "nf4":
+        return 1.0
+    return float(torch.finfo(FP8_DTYPES[fmt.kind]).max)
+
+
+def _check_finite(lo: torch.Tensor, hi: torch.Tensor) -> None:
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    if bad.any():
+        rows = bad.any(dim=-1).flatten().nonzero().flatten()
+        raise QuantizationError(
+            f"tensor has NaN or Inf values in {bad.sum().item()} block(s) (first rows: {rows[:5].tolist()}); "
+            "fix or drop those weights before quantizing"
+        )
+
+
+def choose_qparams(x: torch.Tensor, fmt: QuantFormat) -> QParams:
+    """Pick the scale (and zero-point) of every block with the format's range method."""
+    blocks = to_blocks(x, fmt)  # (rows, groups, g)
+    lo, hi = _block_range(blocks, fmt)
+    _check_finite(lo, hi)
+    ratio = torch.ones_like(lo)
+    if fmt.range_method == "mse":
+        ratio = _mse_search(blocks, lo, hi, fmt)
+    scale, zero_point = _qparams_from_range(lo * ratio, hi * ratio, fmt)
+    return QParams(scale.to(fmt.torch_scale_dtype), zero_point, ratio)
+
+
+def _mse_search(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Per block, the clip ratio in MSE_CLIP_RATIOS with the least squared error."""
+    best_err = torch.full_like(lo, float("inf"))
+    best_ratio = torch.ones_like(lo)
+    for ratio in MSE_CLIP_RATIOS:
+        scale, zero_point = _qparams_from_range(lo * ratio, hi * ratio, fmt)
+        err = (_fake_blocks(blocks, scale, zero_point, fmt) - blocks).pow(2).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(lo, ratio), best_ratio)
+    return best_ratio
+
+
+def _encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat) -> torch.Tensor:
+    """Codes for fp32 blocks with fp32 scale: ints as int32, NF4 as index, FP8 as float8."""
+    scaled = blocks / scale
+    if fmt.kind == "int":
+        shifted = torch.round(scaled) + (zero_point if zero_point is not None else 0)
+        return shifted.clamp(fmt.qmin, fmt.qmax).to(torch.int32)
+    if fmt.kind == "nf4":
+        levels = torch.tensor(NF4_LEVELS, device=blocks.device)
+        midpoints = (levels[1:] + levels[:-1]) / 2
+        return torch.bucketize(scaled.clamp(-1, 1), midpoints).to(torch.int32)
+    fp8_max = _grid_max(fmt)
+    return scaled.clamp(-fp8_max, fp8_max).to(FP8_DTYPES[fmt.kind])
+
+
+def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat) -> torch.Tensor:
+    if fmt.kind == "int":
+        return (codes.float() - (zero_point if zero_point is not None else 0)) * scale
+    if fmt.kind == "nf4":
+        levels = torch.tensor(NF4_LEVELS, device=codes.device)
+        return levels[codes.long()] * scale
+    return codes.float() * scale
+
+
+def _fake_blocks(blocks, scale, zero_point, fmt) -> torch.Tensor:
+    return _decode(_encode(blocks, scale, zero_point, fmt), scale, zero_point, fmt)
+
+
+def quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = None) -> Quantized:
+    """Quantize ``x`` to codes; ``qparams`` defaults to ``choose_qparams(x, fmt)``."""
+    qparams = qparams or choose_qparams(x, fmt)
+    blocks = to_blocks(x, fmt)
+    codes = _encode(blocks, qparams.scale.float(), qparams.zero_point, fmt)
+    if fmt.kind == "int":
+        codes = codes.to(torch.int8 if fmt.symmetric else torch.uint8)
+    elif fmt.kind == "nf4":
+        codes = codes.to(torch.uint8)
+    return Quantized(codes.reshape(x.shape), qparams, fmt, x.dtype)
+
+
+def dequantize(qt: Quantized) -> torch.Tensor:
+    """Values on the grid, in the original dtype and shape."""
+    codes = to_blocks_codes(qt)
+    values = _decode(codes, qt.qparams.scale.float(), qt.qparams.zero_point, qt.fmt)
+    return values.reshape(qt.codes.shape).to(qt.dtype)
+
+
+def to_blocks_codes(qt: Quantized) -> torch.Tensor:
+    """The codes in block shape (rows, groups, g), without the fp32 cast ``to_blocks`` does."""
+    codes = qt.codes.reshape(1, -1) if qt.codes.dim() <= 1 else qt.codes.reshape(-1, qt.codes.shape[-1])
+    gran = qt.fmt.granularity
+    if gran.kind == "tensor":
+        return codes.reshape(1, 1, -1)
+    if gran.kind == "channel":
+        return codes.unsqueeze(1)
+    return codes.reshape(codes.shape[0], -1, gran.group_size)
+
+
+def fake_quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = None) -> torch.Tensor:
+    """Quantize then dequantize: same shape and dtype as ``x``, values on the format's grid."""
+    qparams = qparams or choose_qparams(x, fmt)
+    blocks = to_blocks(x, fmt)
+    out = _fake_blocks(blocks, qparams.scale.float(), qparams.zero_point, fmt)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def clipped_mask(x: torch.Tensor, fmt: QuantFormat, qparams: QParams) -> torch.Tensor:
+    """True where the clamp to the representable range was active, in ``x``'s shape."""
+    blocks = to_blocks(x, fmt)
+    scaled = blocks / qparams.scale.float()
+    if fmt.kind == "int":
+        shifted = torch.round(scaled) + (qparams.zero_point if qparams.zero_point is not None else 0)
+        mask = (shifted < fmt.qmin) | (shifted > fmt.qmax)
+    else:
+        mask = scaled.abs() > _grid_max(fmt)
+    return mask.reshape(x.shape)
+
+
+def error_report(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = None) -> ErrorReport:
+    """Clipped fraction and the error split into its clipping and rounding parts."""
+    qparams = qparams or choose_qparams(x, fmt)
+    xf = x.float()
+    sq_err = (fake_quantize(x, fmt, qparams).float() - xf).pow(2)
+    mask = clipped_mask(x, fmt, qparams)
+    n = max(1, x.numel())
+    total = sq_err.sum().item()
+    clip = sq_err[mask].sum().item()
+    return ErrorReport(
+        clipped_fraction=mask.sum().item() / n,
+        mse=total / n,
+        relative_error=total / max(xf.pow(2).sum().item(), 1e-30),
+        clipping_mse=clip / n,
+        rounding_mse=(total - clip) / n,
+    )
+
+
+def check_format_fits(shape: tuple[int, ...], fmt: QuantFormat) -> None:
+    """Raise FormatError if ``fmt`` cannot quantize a tensor of ``shape`` (e.g. indivisible groups)."""
+    if len(shape) == 0 or 0 in shape:
+        raise FormatError(f"cannot quantize an empty tensor of shape {tuple(shape)}")
+    fmt.granularity.check_divides(shape[-1])

@@ -19,6 +19,10 @@ from quantlab.errors import QuantLabError
 COMMANDS = {
     "inspect": "inspect_cmd",
     "size": "size_cmd",
+    "speed": "speed_cmd",
+    "quantize": "quantize_cmd",
+    "sweep": "sweep_cmd",
+    "eval": "eval_cmd",
 }
 
 log = logging.getLogger("quantlab")

@@ -1,0 +1,51 @@
+"""Clipping: trade a few clamped values for a finer grid, and find the ratio with the least error."""
+
+import streamlit as st
+
+from pages.common import current_format, current_matrices, download_table, explain, matrix_picker, model_choice, user_errors
+from quantlab import analysis, plots
+from quantlab.primitives import to_blocks
+
+
+@st.cache_data(show_spinner="Sweeping clip ratios…", max_entries=64)
+def _clipping(key: str, layer: str, fmt_repr: str, block: tuple | None, _W, _fmt) -> tuple:
+    values = _W if block is None else analysis.block_values(_W, _fmt, *block)
+    fmt = _fmt if block is None else analysis.single_block_format(_fmt, values.numel())
+    return analysis.clipping_sweep(values, fmt), analysis.range_method_table(values, fmt)
+
+
+st.title("Clipping")
+explain("clipping")
+st.write("Min-max scaling keeps every value representable, but one large value stretches the grid for all the "
+         "others. Shrinking the range (a clip ratio below 1) clamps the extremes and refines the grid. Rounding "
+         "error falls, clipping error rises: the best ratio balances them.")
+fmt = current_format()
+matrices = current_matrices()
+layer = matrix_picker(matrices, key="c_layer")
+with user_errors():
+    rows, groups = to_blocks(layer.weight, fmt).shape[:2]
+scope = st.radio("Look at", ("the whole layer", "one block"), horizontal=True, key="c_scope",
+                 help="The whole layer: every block (row or group) keeps its own scale, all at the same ratio.")
+block = None
+if scope == "one block":
+    left, right = st.columns(2)
+    row = left.number_input(f"Row (0..{rows - 1})", 0, rows - 1, 0, key="c_row")
+    group = right.number_input(f"Group (0..{groups - 1})", 0, groups - 1, 0, key="c_group")
+    block = (int(row), int(group))
+with user_errors():
+    sweep, methods = _clipping(model_choice().key, layer.name, repr(fmt), block, layer.weight, fmt)
+
+best = analysis.best_ratio(sweep)
+cols = st.columns(3)
+cols[0].metric("Best clip ratio", f"{best['clip_ratio']:.2f}")
+cols[1].metric("Error at best vs min-max", f"{best['mse'] / sweep['mse'].iloc[-1]:.1%}")
+cols[2].metric("Values clipped at best", f"{best['clipped_fraction']:.2%}")
+st.plotly_chart(plots.clipping_figure(sweep, best), key="c_sweep")
+download_table(sweep, "clipping_sweep")
+
+st.subheader("Range methods")
+st.write("**min-max** uses the full range; **percentile** keeps a share of the values (sidebar setting) inside it; "
+         "**MSE** searches each block's clip ratio for the least squared error.")
+st.plotly_chart(plots.error_split_figure(methods, "range_method"), key="c_methods")
+st.dataframe(methods, hide_index=True, width="stretch")
+download_table(methods, "clipping_range_methods")

@@ -1,0 +1,272 @@
+"""Streamlit helpers shared by app.py and the pages: the sidebar, cached loaders, session folders.
+
+This is the only module besides the pages that imports streamlit. Models are cached with
+``st.cache_resource`` (one copy shared by every browser session, never modified: quantization
+always works on a copy), and results with ``st.cache_data`` keyed by the model's cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from quantlab import analysis, models
+from quantlab.device import available_devices
+from quantlab.errors import QuantLabError
+from quantlab.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
+
+BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
+BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
+HUB_LABEL = "Hugging Face hub id (needs network)"
+FOLDER_LABEL = "Local model folder"
+UPLOAD_LABEL = "Upload .safetensors"
+MODEL_CHOICES = (BUNDLED_LM_LABEL, BUNDLED_ENCODER_LABEL, HUB_LABEL, FOLDER_LABEL, UPLOAD_LABEL)
+FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
+GROUP_SIZES = (16, 32, 64, 128, 256)
+GRANULARITIES = ("per-channel", "group", "per-tensor")
+_SESSION_FOLDER_KEY = "_quantlab_session_folder"
+
+
+# --- per-session temporary folder --------------------------------------------------------------
+class SessionFolder:
+    """A temporary folder removed when the browser session that holds it ends.
+
+    Streamlit drops a session's state when the session closes; the finalizer then removes the
+    folder (and at interpreter exit for sessions still open), so uploads never outlive their user.
+    """
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="quantlab-session-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+
+def session_folder() -> Path:
+    if _SESSION_FOLDER_KEY not in st.session_state:
+        st.session_state[_SESSION_FOLDER_KEY] = SessionFolder()
+    return st.session_state[_SESSION_FOLDER_KEY].path
+
+
+def save_upload(data: bytes, suffix: str = ".safetensors") -> Path:
+    """Write uploaded bytes into the session folder under a content hash: the user's name is never a path."""
+    digest = hashlib.sha256(data).hexdigest()[:20]
+    path = session_folder() / f"upload-{digest}{suffix}"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+# --- errors ------------------------------------------------------------------------------------
+@contextmanager
+def user_errors():
+    """Show bad input (any QuantLabError) as a message in the page and stop it, never a traceback."""
+    try:
+        yield
+    except QuantLabError as exc:
+        st.error(str(exc), icon="⚠️")
+        st.stop()
+
+
+# --- the model ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the sidebar selected: a model to load, or a bare weights file (``weights_path``)."""
+
+    label: str
+    source: str | None  # what load_model takes; None for an upload
+    weights_path: str | None = None  # an uploaded safetensors file in the session folder
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    @property
+    def key(self) -> str:
+        """Identifies the weights for st.cache_data (a path already holds the content hash)."""
+        return f"{self.source or self.weights_path}@{self.device}"
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading the model…")
+def cached_model(source: str, device: str, trust_remote_code: bool = False) -> models.LoadedModel:
+    return models.load_model(source, device=device, trust_remote_code=trust_remote_code)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Reading the weights file…")
+def cached_file_tensors(path: str) -> dict:
+    return models.load_tensors([path])
+
+
+def model_choice() -> ModelChoice | None:
+    return st.session_state.get("_model_choice")
+
+
+def current_model() -> models.LoadedModel | None:
+    """The chosen model (loaded once, shared), or None when the choice is a bare weights file."""
+    choice = model_choice()
+    if choice is None or choice.source is None:
+        return None
+    with user_errors():
+        return cached_model(choice.source, choice.device, choice.trust_remote_code)
+
+
+def require_model(what: str) -> models.LoadedModel:
+    """The chosen model; when a bare weights file is chosen, say why this page needs a model and stop."""
+    loaded = current_model()
+    if loaded is None:
+        st.info(f"{what} needs a model that runs (config and tokenizer), not a bare weights file. "
+                "Choose the bundled LM, the bundled encoder, a hub id or a model folder in the sidebar.")
+        st.stop()
+    return loaded
+
+
+def current_matrices() -> list[analysis.NamedMatrix]:
+    """The quantizable weight matrices of the chosen model or weights file, (out, in) each."""
+    choice = model_choice()
+    if choice is None:
+        st.stop()
+    with user_errors():
+        if choice.weights_path is not None:
+            return analysis.file_matrices(cached_file_tensors(choice.weights_path))
+        return analysis.model_matrices(current_model().model)
+
+
+def matrix_picker(matrices: list[analysis.NamedMatrix], label: str = "Layer", key: str = "layer",
+                  default_role: str = "down") -> analysis.NamedMatrix:
+    names = [m.name for m in matrices]
+    default = next((i for i, m in enumerate(matrices) if m.role == default_role), 0)
+    name = st.selectbox(label, names, index=default, key=key,
+                        format_func=lambda n: f"{n}  {tuple(matrices[names.index(n)].weight.shape)}")
+    return matrices[names.index(name)]
+
+
+# --- the sidebar -------------------------------------------------------------------------------
+def sidebar() -> None:
+    """The model, the device and the current format, stored in session state for every page."""
+    with st.sidebar:
+        st.subheader("Model")
+        label = st.selectbox("Model", MODEL_CHOICES, key="sb_model", label_visibility="collapsed")
+        device = st.selectbox("Device", available_devices(), key="sb_device",
+                              help="CUDA when a GPU is present, else the CPU.")
+        st.session_state["_model_choice"] = _model_source(label, device)
+        st.subheader("Quantization format")
+        st.session_state["_format"] = _format_widgets()
+
+
+def _model_source(label: str, device: str) -> ModelChoice | None:
+    if label == BUNDLED_LM_LABEL:
+        return ModelChoice(label, models.BUNDLED_LM, device=device)
+    if label == BUNDLED_ENCODER_LABEL:
+        return ModelChoice(label, models.BUNDLED_ENCODER, device=device)
+    if label == HUB_LABEL:
+        st.caption("Suggested (each needs network): " + ", ".join(models.HUB_SUGGESTIONS))
+        hub_id = st.text_input("Hub id", value=models.HUB_SUGGESTIONS[0], key="sb_hub_id").strip()
+        trust = st.checkbox("Trust remote code", key="sb_trust", value=False,
+                            help="Runs Python code from the model's repository. Only for repositories you trust.")
+        if trust:
+            st.warning("Remote code will run on this machine with your permissions.")
+        return ModelChoice(label, hub_id, device=device, trust_remote_code=trust) if hub_id else None
+    if label == FOLDER_LABEL:
+        folder = st.text_input("Folder with config.json and weights", key="sb_folder").strip()
+        return ModelChoice(label, folder, device=device) if folder else None
+    upload = st.file_uploader("Safetensors file", type=["safetensors"], key="sb_upload",
+                              help="Weights only: the Model, Weights, Outliers, Clipping and Size pages read it "
+                                   "without running a model.")
+    if upload is None:
+        return None
+    return ModelChoice(label, None, weights_path=str(save_upload(upload.getvalue())), device=device)
+
+
+def _format_widgets() -> QuantFormat | None:
+    kind = st.selectbox("Number format", FORMAT_KINDS, key="sb_kind",
+                        help="Integers with a scale (and zero-point), 8-bit floats, or the 16-level NF4 codebook.")
+    bits = st.slider("Bits", 2, 8, 4, key="sb_bits", disabled=kind != "int")
+    symmetric = st.radio("Zero-point", ("symmetric", "asymmetric"), key="sb_sym", horizontal=True,
+                         disabled=kind != "int",
+                         help="Asymmetric adds an integer zero-point per scale so that the grid can sit off-centre.")
+    granularity = st.radio("Scale shared by", GRANULARITIES, key="sb_gran", index=1, horizontal=True,
+                           help="One scale per output row, per group of inputs in a row, or for the whole tensor.")
+    group_size = st.selectbox("Group size", GROUP_SIZES, index=3, key="sb_group", disabled=granularity != "group",
+                              help="How many consecutive weights share one scale: smaller groups fit better "
+                                   "but store more scales.")
+    method = st.selectbox("Range method", RANGE_METHODS, key="sb_range",
+                          help="min-max keeps every value in range; percentile and MSE clip the extremes.")
+    percentile = st.number_input("Percentile kept", 50.0, 100.0, 99.9, step=0.1, key="sb_pct",
+                                 disabled=method != "percentile")
+    scale_dtype = st.selectbox("Scale dtype", tuple(SCALE_DTYPES), key="sb_scale_dtype")
+    gran = Granularity("group", group_size) if granularity == "group" else Granularity(
+        "tensor" if granularity == "per-tensor" else "channel")
+    try:
+        return QuantFormat(kind=kind, n_bits={"int": bits, "nf4": 4}.get(kind, 8),
+                           symmetric=kind != "int" or symmetric == "symmetric", granularity=gran,
+                           scale_dtype=scale_dtype, range_method=method, percentile=percentile)
+    except QuantLabError as exc:
+        st.error(str(exc))
+        return None
+
+
+def current_format() -> QuantFormat:
+    """The sidebar's format; stops the page with a message when the settings do not form one."""
+    fmt = st.session_state.get("_format")
+    if fmt is None:
+        st.warning("The format chosen in the sidebar is not valid; see the message there.")
+        st.stop()
+    return fmt
+
+
+# --- progress ----------------------------------------------------------------------------------
+def progress_callback(container=None):
+    """An engine-style ``progress(fraction, message)`` that drives a progress bar in ``container``."""
+    bar = (container or st).progress(0.0)
+
+    def report(fraction: float, message: str) -> None:
+        bar.progress(min(max(float(fraction), 0.0), 1.0), text=message)
+
+    return report
+
+
+# --- downloads ---------------------------------------------------------------------------------
+def download_table(table: pd.DataFrame, name: str, key: str | None = None) -> None:
+    """CSV and JSON download buttons for a table."""
+    left, right = st.columns(2)
+    left.download_button("Download CSV", table.to_csv(index=False), f"{name}.csv", "text/csv",
+                         key=f"csv-{key or name}", width="stretch")
+    right.download_button("Download JSON", table.to_json(orient="records", indent=1), f"{name}.json",
+                          "application/json", key=f"json-{key or name}", width="stretch")
+
+
+def download_json(document, name: str, label: str = "Download JSON", key: str | None = None) -> None:
+    st.download_button(label, json.dumps(document, indent=1, default=str), f"{name}.json", "application/json",
+                       key=f"json-{key or name}")
+
+
+GLOSSARY = {
+    "scale": "the step between two neighbouring grid values; a weight x is stored as the integer round(x / scale).",
+    "zero-point": "an integer offset that shifts the grid so that an asymmetric range (e.g. [-0.2, 1.0]) is covered "
+                  "without wasting codes; symmetric formats have none.",
+    "calibration": "running a few hundred example tokens through the model to measure activation ranges before "
+                   "quantizing; no training, no labels.",
+    "PTQ": "post-training quantization: convert a trained model's weights (and maybe activations) to low-bit numbers "
+           "without retraining it.",
+    "group size": "how many consecutive weights in a row share one scale; smaller groups follow the weights more "
+                  "closely but store more scales.",
+    "clipping": "choosing a range smaller than the largest |value|: the few values outside are clamped, and every "
+                "other value gets a finer grid.",
+    "outlier": "a weight or activation channel far larger than the rest; it stretches the scale and leaves the "
+               "other values with only a few codes.",
+    "bits per weight": "the stored bits divided by the number of weights, including the scales and zero-points: "
+                       "INT4 with fp16 scales per 128 weights is 4 + 16/128 = 4.125.",
+}
+
+
+def explain(term: str) -> None:
+    """A one-line definition of a workshop term, as a caption."""
+    st.caption(f"**{term.capitalize()}**: {GLOSSARY[term]}")

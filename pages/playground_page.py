@@ -1,0 +1,105 @@
+"""Playground: the quantization formulas made live on a vector you can edit. No model needed."""
+
+import pandas as pd
+import streamlit as st
+
+from pages.common import GLOSSARY, download_table, explain, user_errors
+from quantlab import analysis, plots
+from quantlab.formats import Granularity, QuantFormat
+
+DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
+
+st.title("Playground")
+st.write("Quantization stores each number as a small integer **code** plus a shared **scale**. "
+         "Edit the values, change the bits, and watch every step.")
+explain("PTQ")
+
+state = st.session_state
+state.setdefault("pg_values", DEFAULT_VALUES)
+state.setdefault("pg_version", 0)  # bumped when the values are replaced, so the editor starts afresh
+
+
+def _replace_values(values: list[float]) -> None:
+    state["pg_values"] = values
+    state["pg_version"] += 1
+
+
+source, controls = st.columns([3, 2])
+with source:
+    mode = st.radio("Values", ("edit a vector", "draw from a distribution"), horizontal=True, key="pg_mode")
+    if mode == "draw from a distribution":
+        left, mid, right = st.columns(3)
+        kind = left.selectbox("Distribution", analysis.DISTRIBUTIONS, index=1, key="pg_dist",
+                              help="Trained weights look roughly Laplace: a sharp peak and heavy tails.")
+        n = mid.number_input("How many", 4, 512, 64, step=4, key="pg_n")
+        seed = right.number_input("Seed", 0, 10_000, 0, key="pg_seed")
+        if st.button("Draw", key="pg_draw"):
+            _replace_values(analysis.sample_distribution(kind, int(n), int(seed), spread=0.5).tolist())
+    edited = st.data_editor(pd.DataFrame({"value": state["pg_values"]}), num_rows="dynamic", height=240,
+                            key=f"pg_editor_{state['pg_version']}", width="stretch")
+    values = [float(v) for v in edited["value"].dropna()]
+    add, reset = st.columns(2)
+    if add.button("Add an outlier (10 x the largest value)", key="pg_outlier", width="stretch"):
+        with user_errors():
+            _replace_values(analysis.with_outlier(values))
+        st.rerun()
+    if reset.button("Reset to the example", key="pg_reset", width="stretch"):
+        _replace_values(DEFAULT_VALUES)
+        st.rerun()
+
+with controls:
+    bits = st.slider("Bits", 2, 8, 4, key="pg_bits")
+    symmetric = st.radio("Grid", ("symmetric", "asymmetric"), horizontal=True, key="pg_sym") == "symmetric"
+    explain("zero-point")
+    sizes = analysis.playground_group_sizes(len(values))
+    per_group = st.radio("Scale shared by", ("the whole vector", "groups"), horizontal=True, key="pg_gran",
+                         disabled=not sizes) == "groups"
+    group_size = st.selectbox("Group size", sizes or [len(values)], key="pg_group", disabled=not per_group)
+    explain("group size")
+
+with user_errors():
+    gran = Granularity("group", group_size) if per_group and sizes else Granularity("tensor")
+    fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran)
+    result = analysis.quantize_vector(values, fmt)
+
+first = result.groups.iloc[0]
+st.subheader("The formulas, with your numbers")
+if symmetric:
+    st.latex(r"s = \frac{\max |x|}{2^{b-1}-1} \qquad q = \mathrm{clamp}\left(\mathrm{round}\left(\frac{x}{s}\right),"
+             r" -(2^{b-1}-1),\ 2^{b-1}-1\right) \qquad \hat{x} = s \cdot q")
+    st.latex(rf"s = \frac{{{first['highest']:.4g}}}{{{fmt.qmax}}} = {first['scale']:.5g}"
+             rf"\qquad q \in [{fmt.qmin}, {fmt.qmax}]")
+else:
+    st.latex(r"s = \frac{\max x - \min x}{2^{b}-1} \qquad z = \mathrm{round}\left(-\frac{\min x}{s}\right) \qquad "
+             r"q = \mathrm{clamp}\left(\mathrm{round}\left(\frac{x}{s}\right) + z,\ 0,\ 2^{b}-1\right) \qquad "
+             r"\hat{x} = s\,(q - z)")
+    st.latex(rf"s = {first['scale']:.5g} \qquad z = {int(first['zero_point'])} \qquad q \in [{fmt.qmin}, {fmt.qmax}]")
+st.caption(f"**Scale**: {GLOSSARY['scale']} With {len(result.groups)} scale(s), the first group's grid spans "
+           f"[{first['lowest']:.4g}, {first['highest']:.4g}].")
+
+metrics = st.columns(4)
+metrics[0].metric("Scale (first group)", f"{first['scale']:.4g}")
+metrics[1].metric("Zero-point", int(first["zero_point"]) if not symmetric else "none")
+metrics[2].metric("Mean squared error", f"{result.report.mse:.3g}")
+metrics[3].metric("Values clipped", int(result.table["clipped"].sum()))
+st.plotly_chart(plots.vector_figure(result), key="pg_chart")
+
+st.subheader("Every value, step by step")
+st.caption("scaled = x / s (+ z) before rounding; code = the stored integer; dequantized = what the model computes "
+           "with; error = dequantized - x.")
+st.dataframe(result.table, hide_index=True, width="stretch")
+download_table(result.table, "playground_values")
+st.dataframe(result.groups, hide_index=True, width="stretch")
+
+with st.expander("Clipping and outliers"):
+    st.write(GLOSSARY["outlier"].capitalize() + ". Press *Add an outlier*: the scale grows with the largest value, "
+             "so every other value lands on a coarser grid and the error of the whole vector rises. "
+             "Per-group scales confine the damage to the outlier's group.")
+    st.write(GLOSSARY["clipping"].capitalize() + ".")
+with st.expander("PTQ and QAT: when is quantization done?"):
+    st.write("**Post-training quantization (PTQ)**, what QuantLab does, converts a trained model directly: "
+             "round-to-nearest needs only the weights; GPTQ and AWQ also use a few calibration examples to "
+             "choose better codes. Minutes, no training.")
+    st.write("**Quantization-aware training (QAT)** simulates the rounding during training (fake-quantize in "
+             "the forward pass, a straight-through gradient in the backward pass), so the model learns weights "
+             "that survive it. Better at 2-3 bits, but it needs the training data and compute.")

@@ -1,0 +1,6 @@
+"""quality page (in progress)."""
+
+import streamlit as st
+
+st.title("quality")
+st.info("This page is being built.")

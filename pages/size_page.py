@@ -1,0 +1,64 @@
+"""Size and scale overhead: bits per weight and bytes per format, for this model and at 1B, 7B and 70B."""
+
+import streamlit as st
+
+from pages.common import current_model, download_table, explain, model_choice, user_errors
+from quantlab import analysis, models, plots
+
+
+@st.cache_data(show_spinner="Computing sizes…", max_entries=8)
+def _model_sizes(key: str, _source):
+    return analysis.format_sizes(_source, analysis.size_variants())
+
+
+@st.cache_data(show_spinner=False)
+def _reference_sizes():
+    return analysis.reference_sizes(analysis.size_variants())
+
+
+def _variant(table):
+    return table.assign(variant=table["zero_points"].map({True: "zero-points", False: "no zero-points"})
+                        + ", " + table["scale_dtype"] + " scales")
+
+
+st.title("Size & scale overhead")
+explain("bits per weight")
+st.write("A quantized weight costs its code bits, plus its share of the scale (and zero-point) it shares with its "
+         "group. Smaller groups fit the weights better and cost more overhead; fp32 scales cost twice fp16's.")
+
+choice = model_choice()
+if choice is None:
+    st.info("Choose a model in the sidebar (or upload a safetensors file).")
+    st.stop()
+loaded = current_model()
+with user_errors():
+    source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
+    sizes = _variant(_model_sizes(choice.key, source))
+
+st.subheader(f"This model: {loaded.name if loaded is not None else 'uploaded weights'}")
+fitting = sizes[sizes["note"] == ""]
+st.plotly_chart(plots.bar_figure(fitting, "format", "bits_per_weight", "Bits per weight, overhead included",
+                                 color="variant"), key="size_bits")
+st.caption("Layers kept in full precision (embeddings, norms, output head) are counted in every total at their "
+           "stored size: in a small model they are most of the file.")
+st.dataframe(sizes, hide_index=True, width="stretch")
+download_table(sizes, "size_this_model")
+
+st.subheader("The same formats at scale")
+reference = _variant(_reference_sizes())
+row = reference[(reference["model"] == "7B") & (reference["format"] == "int4-g128") & ~reference["zero_points"]
+                & (reference["scale_dtype"] == "fp16")].iloc[0]
+st.markdown(
+    f"**7B at INT4 g128, fp16 scales**: {row['quantized_params'] / 1e9:.2f} B quantized weights x 4 bits = "
+    f"**{row['weight_bytes'] / 1e9:.3f} GB** of codes, + {row['quantized_params'] / 128 / 1e6:.1f} M scales x 2 bytes "
+    f"= **{row['scale_bytes'] / 1e9:.3f} GB** of scales, + **{row['full_precision_bytes'] / 1e9:.3f} GB** of "
+    f"embeddings, head and norms in fp16 = **{row['total_bytes'] / 1e9:.2f} GB** in all "
+    f"({row['bits_per_weight']:.3f} bits per quantized weight; fp16 would be {row['fp16_bytes'] / 1e9:.2f} GB).")
+model_label = st.radio("Reference model", ("1B", "7B", "70B"), index=1, horizontal=True, key="size_ref")
+chosen = reference[reference["model"] == model_label].assign(GB=lambda d: d["total_bytes"] / 1e9)
+st.plotly_chart(plots.bar_figure(chosen, "format", "GB", f"{model_label} (Llama-shaped): total size by format",
+                                 color="variant", y_title="GB"), key="size_ref_chart")
+st.caption("Llama-shaped models (hidden 2048/4096/8192, untied embeddings and head in fp16); the parameter counts "
+           "are approximate, the arithmetic on them exact.")
+st.dataframe(reference, hide_index=True, width="stretch")
+download_table(reference, "size_reference_models")

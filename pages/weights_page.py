@@ -1,0 +1,59 @@
+"""Weights: a layer's weight histogram with the format's grid on top, the error it leaves, its scales."""
+
+import streamlit as st
+
+from pages.common import current_format, current_matrices, download_table, explain, matrix_picker, model_choice, user_errors
+from quantlab import analysis, plots
+from quantlab.formats import QuantFormat
+
+
+@st.cache_data(show_spinner="Quantizing the layer…", max_entries=64)
+def _views(key: str, layer: str, fmt_repr: str, which: str, _W, _fmt) -> analysis.WeightViews:
+    return analysis.weight_views(_W, _fmt, which)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _comparison(key: str, layer: str, fmt_reprs: tuple, _W, _fmts) -> tuple:
+    return analysis.format_comparison(_W, _fmts), analysis.error_histograms(_W, _fmts)
+
+
+st.title("Weights")
+st.write("Every weight is moved to the nearest value of its group's grid. The histogram shows where the weights "
+         "are and where the grid puts them; the error histogram shows what that costs.")
+fmt = current_format()
+matrices = current_matrices()
+layer = matrix_picker(matrices, key="w_layer")
+which = st.radio("Overlay the grid of the block with the", ("largest", "median"), horizontal=True, key="w_block",
+                 format_func=lambda w: f"{w} scale")
+with user_errors():
+    views = _views(model_choice().key, layer.name, repr(fmt), which, layer.weight, fmt)
+
+summary = views.summary
+cols = st.columns(4)
+cols[0].metric("Bits per weight", f"{summary['bits_per_weight']:.3f}")
+cols[1].metric("Relative error", f"{summary['relative_error']:.2e}")
+cols[2].metric("SQNR", f"{summary['sqnr_db']:.1f} dB", help="Signal-to-quantization-noise ratio: 10 log10(|W|² / |W - Ŵ|²)")
+cols[3].metric("Clipped", f"{summary['clipped_fraction']:.2%}")
+explain("bits per weight")
+
+row, group = views.block
+st.plotly_chart(plots.histogram_figure(views.weights, f"{layer.name}: weights and the grid of block (row {row}, "
+                                       f"group {group})", "weight value", views.levels, log_y=True), key="w_hist")
+st.caption("Each group has its own scale, so its own grid: the orange lines are one block's grid. Counts are on a "
+           "log scale so that the rare large weights (outliers) stay visible.")
+left, right = st.columns(2)
+with left:
+    st.plotly_chart(plots.histogram_figure(views.errors, "Quantization error x̂ - x", "error"), key="w_err")
+with right:
+    st.plotly_chart(plots.histogram_figure(views.scales, "Scales of all blocks", "scale"), key="w_scales")
+    explain("scale")
+
+st.subheader("Before and after: two formats")
+names = [fmt.name, *[n for n in analysis.SIZE_FORMATS if n != fmt.name]]
+other_name = st.selectbox("Compare the sidebar's format with", names[1:], index=2, key="w_other")
+with user_errors():
+    other = QuantFormat.parse(other_name, scale_dtype=fmt.scale_dtype)
+    table, errors = _comparison(model_choice().key, layer.name, (repr(fmt), repr(other)), layer.weight, (fmt, other))
+st.plotly_chart(plots.overlaid_histograms_figure(errors, "Error of each format, same axis", "error"), key="w_cmp")
+st.dataframe(table, hide_index=True, width="stretch")
+download_table(table, "weights_format_comparison")

@@ -1,0 +1,222 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, correcting the rest for each error.
+
+For a linear with inputs X (tokens, in), GPTQ minimises ||XWᵀ - XŴᵀ||² one input column at a time:
+after rounding column j it spreads the error over the columns not yet quantized, weighted by the
+inverse Hessian H⁻¹ of that least-squares problem, H = 2XᵀX/n. Following the reference code:
+
+- dead inputs (diag H = 0, a channel that is always zero) get H_jj = 1 and a zero weight;
+- damping adds ``damp * mean(diag H)`` to the diagonal so the Cholesky factorisation is stable;
+- columns are processed in lazy batches of ``block_size``: inside a batch the updates are rank-1,
+  the later columns get the batch's accumulated error in one matmul (the same result, less traffic);
+- the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) replaces H⁻¹: row j of U holds exactly the
+  update coefficients for column j once columns < j are fixed.
+
+Group scales: without act-order a group's scale is chosen (``primitives.choose_qparams``) when the
+loop reaches its first column, from the columns as updated so far. We align lazy batches to whole
+groups so that those columns include every update; the reference reads the not-yet-updated matrix
+when a group starts inside a batch (g64 with batches of 128), a small difference. With
+``static_groups`` all group scales come from the original weights before the loop.
+
+Act-order (desc_act) quantizes columns by decreasing diag H, the most salient inputs first, while
+the most freedom is left to compensate. Per-channel and per-tensor scales and static groups do not
+depend on the order, so the result is returned in the original column order. Non-static groups are
+formed *in the permuted order*, as the reference does: group k holds the permuted columns
+k*g..(k+1)*g-1. The codes are then returned in permuted column order with ``perm`` (column j of the
+codes is input feature ``perm[j]``); a GPTQ checkpoint's ``g_idx`` is ``argsort(perm) // g``.
+
+When the Cholesky factorisation fails even with damping raised tenfold twice, the layer falls back
+to round-to-nearest and says so (a warning, and ``fallback=True`` in the result).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from quantlab.algorithms.base import GPTQParams
+from quantlab import kernels
+from quantlab.formats import Granularity, QuantFormat
+from quantlab.primitives import QParams, Quantized, check_format_fits, choose_qparams, clipped_mask, fake_quantize, quantize
+
+if TYPE_CHECKING:
+    from quantlab.algorithms.base import LayerResult
+    from quantlab.calibration import BlockContext
+
+log = logging.getLogger(__name__)
+
+DAMP_RETRIES = 3  # damp, 10 x damp, 100 x damp, then give up and use RTN
+
+
+def accumulate_hessian(inp: torch.Tensor, H: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Add a batch of inputs (..., in) to the running H = 2XᵀX/n (fp32, updated in place and returned).
+
+    The running mean is rescaled before adding, so H stays O(1) whatever the token count, and the
+    inputs are scaled by sqrt(2/n) before the product (the reference's order of operations).
+    """
+    X = inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
+    added = X.shape[0]
+    H.mul_(n / (n + added))
+    n += added
+    X = X * math.sqrt(2 / n)
+    H.addmm_(X.t(), X)  # (in, in)
+    return H, n
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    quantized: Quantized  # codes in original column order, or in ``perm`` order (act-order with groups)
+    perm: torch.Tensor | None  # input feature of each stored column; None when stored in original order
+    loss: float  # GPTQ's own objective: sum over columns of (w - q)² / (2 [H⁻¹]_jj²)
+    damp: float  # the damping fraction that made the Cholesky work (0 when it fell back)
+    fallback: bool  # True: Cholesky failed, the layer was quantized with RTN
+    clipped_fraction: float  # share of (updated) weights clamped to the grid's ends
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """U with H_damped⁻¹ = UᵀU, raising the damping tenfold on failure; (None, 0) if all tries fail."""
+    mean_diag = torch.diag(H).mean().item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(DAMP_RETRIES):
+        fraction = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H + fraction * mean_diag * eye)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, fraction
+        log.info("GPTQ: Cholesky failed with damp %.3g; retrying with more damping", fraction)
+    return None, 0.0
+
+
+def _column_format(fmt: QuantFormat) -> QuantFormat:
+    """The same number format applied to one column with its group's (out or 1, 1, 1) scale."""
+    return replace(fmt, granularity=Granularity("channel"))
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, params: GPTQParams = GPTQParams()) -> GPTQResult:
+    """GPTQ on one (out, in) weight with H (in, in); neither is modified."""
+    check_format_fits(tuple(W.shape), fmt)
+    W = W.detach().float().clone()  # (out, in)
+    H = H.detach().float().clone()  # (in, in)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    grouped = fmt.granularity.kind == "group"
+    # Scales that do not depend on the GPTQ updates: per-channel/-tensor, or static groups.
+    fixed = choose_qparams(W, fmt) if (not grouped or params.static_groups) else None  # (rows, groups, 1)
+    perm = torch.argsort(torch.diag(H), descending=True) if params.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, damp = _upper_cholesky_of_inverse(H, params.damp)
+    if U is None:
+        log.warning("GPTQ: the Cholesky factorisation of H failed even with damping %.3g; this layer is quantized "
+                    "with RTN instead (check the calibration inputs for NaN/Inf, or raise --damp)",
+                    params.damp * 10 ** (DAMP_RETRIES - 1))
+        W = W[:, torch.argsort(perm)] if perm is not None else W
+        qparams = choose_qparams(W, fmt)
+        clipped = clipped_mask(W, fmt, qparams).float().mean().item()
+        return GPTQResult(quantize(W, fmt, qparams), None, float("nan"), 0.0, True, clipped)
+    rounded, losses, group_params = _gptq_loop(W, U, fmt, params, fixed, perm)
+    return _finish(rounded, losses, fmt, fixed, group_params, perm, damp)
+
+
+def _gptq_loop(W, U, fmt: QuantFormat, params: GPTQParams, fixed: QParams | None, perm):
+    """The column loop on (permuted) W (out, in) with U (in, in). Returns rounded, losses, group params.
+
+    Column i of a lazy batch is updated by the earlier columns only (``W1[:, i+1:]`` below), so at
+    the end of the batch ``W1`` holds exactly the values that were rounded, and the errors and
+    losses of the batch come out in one vectorised step.
+    """
+    n_cols = W.shape[1]
+    gran = fmt.granularity
+    dynamic_groups = gran.kind == "group" and fixed is None
+    # Lazy batches hold whole groups, so a group's scale always sees its columns fully updated.
+    block_size = gran.group_size * max(1, params.block_size // gran.group_size) if gran.kind == "group" else params.block_size
+    col_fmt = _column_format(fmt)
+    rounded = torch.zeros_like(W)  # W as updated when each column's turn came
+    losses = torch.zeros_like(W)
+    group_params: list[QParams] = []
+    qp = None
+    for i1 in range(0, n_cols, block_size):
+        i2 = min(i1 + block_size, n_cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, b), (b, b)
+        Q1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if dynamic_groups and col % gran.group_size == 0:
+                group_params.append(choose_qparams(W1[:, i : i + gran.group_size], col_fmt))
+            if dynamic_groups or qp is None or gran.kind == "group":
+                qp = group_params[-1] if dynamic_groups else _fixed_for_column(col, perm, gran, fixed)
+                round_column = _column_rounder(col_fmt, qp)
+            w = W1[:, i]
+            Q1[:, i] = round_column(w)
+            err = (w - Q1[:, i]) / U1[i, i]
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)  # rank-1 update of the batch's later columns
+        Err1 = (W1 - Q1) / torch.diag(U1)  # (out, b)
+        rounded[:, i1:i2] = W1
+        losses[:, i1:i2] = Err1.pow(2) / 2
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy update of every later column at once
+    return rounded, losses, group_params
+
+
+def _column_rounder(col_fmt: QuantFormat, qp: QParams):
+    """w (out,) -> its grid values with (out or 1, 1, 1) qparams ``qp``; integers take a short path.
+
+    The loop runs once per input column, so the per-call overhead of the generic ``fake_quantize``
+    (reshapes, checks) would dominate; the integer path calls the same kernel on flat vectors.
+    """
+    if col_fmt.kind != "int":
+        return lambda w: fake_quantize(w.unsqueeze(1), col_fmt, qp).squeeze(1)
+    scale = qp.scale.float().reshape(-1)  # (out,) or (1,)
+    zero_point = None if qp.zero_point is None else qp.zero_point.reshape(-1)
+    return lambda w: kernels.fake_int(w, scale, zero_point, col_fmt.qmin, col_fmt.qmax)
+
+
+def _fixed_for_column(col: int, perm, gran: Granularity, fixed: QParams) -> QParams:
+    """The (out or 1, 1, 1) qparams of (permuted) column ``col`` when scales were fixed up front."""
+    if gran.kind != "group":
+        return fixed
+    group = (perm[col].item() if perm is not None else col) // gran.group_size  # static groups: original order
+    pick = slice(group, group + 1)
+    zero_point = None if fixed.zero_point is None else fixed.zero_point[:, pick]
+    return QParams(fixed.scale[:, pick], zero_point, fixed.clip_ratio[:, pick])
+
+
+def _concat(group_params: list[QParams]) -> QParams:
+    zero_point = None if group_params[0].zero_point is None else torch.cat([p.zero_point for p in group_params], dim=1)
+    return QParams(torch.cat([p.scale for p in group_params], dim=1), zero_point,
+                   torch.cat([p.clip_ratio for p in group_params], dim=1))
+
+
+def _finish(rounded, losses, fmt, fixed, group_params, perm, damp: float) -> GPTQResult:
+    """Codes of the rounded values with the scales that rounded them, so they dequantize exactly to Q."""
+    qparams = fixed if fixed is not None else _concat(group_params)  # (rows, groups, 1)
+    keep_permuted = perm is not None and fixed is None
+    if perm is not None and not keep_permuted:
+        rounded = rounded[:, torch.argsort(perm)]
+    quantized = quantize(rounded, fmt, qparams)
+    clipped = clipped_mask(rounded, fmt, qparams).float().mean().item()
+    return GPTQResult(quantized, perm if keep_permuted else None, losses.sum().item(), damp, False, clipped)
+
+
+def process_block(ctx: BlockContext) -> list[LayerResult]:
+    """GPTQ on every linear of the block, each with the H of its inputs in the full-precision block."""
+    inputs = ctx.collect(keep_inputs=ctx.needs_raw_inputs)
+    params = ctx.config.gptq
+    results = []
+    for local_name in ctx.linear_modules():
+        start = time.perf_counter()
+        result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.config.weight_format, params)
+        if result.fallback:
+            log.warning("GPTQ: %s fell back to RTN", ctx.linears[local_name].name)
+        extra = {"gptq_loss": result.loss, "damp": result.damp, "fallback": result.fallback,
+                 "act_order": params.act_order, "static_groups": params.static_groups}
+        results.append(ctx.finish_linear(
+            local_name, result.quantized, inputs[local_name], seconds=time.perf_counter() - start,
+            clipped_fraction=result.clipped_fraction, extra=extra, in_perm=result.perm,
+        ))
+    return results

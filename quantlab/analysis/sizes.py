@@ -1,0 +1,90 @@
+"""Sizes: bits per weight and bytes of a model in many formats, and of Llama-shaped 1B/7B/70B models."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import pandas as pd
+from torch import nn
+
+from quantlab.architectures import find_linears
+from quantlab.errors import FormatError
+from quantlab.formats import QuantFormat
+from quantlab.sizing import REFERENCE_MODELS, ModelSize, model_size, reference_size
+from quantlab.weightfiles import TensorListing
+
+SIZE_FORMATS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int4", "int3-g128", "fp8-e4m3", "nf4-g64")
+SIZE_VARIANTS = ((True, "fp16"), (False, "fp16"), (True, "fp32"), (False, "fp32"))  # (symmetric, scale dtype)
+
+
+def size_variants(fmt_names: Sequence[str] = SIZE_FORMATS,
+                  variants: Sequence[tuple[bool, str]] = SIZE_VARIANTS) -> list[QuantFormat]:
+    """Each named format with and without zero-points and with each scale dtype (asym for ints only)."""
+    fmts = []
+    for name in fmt_names:
+        for symmetric, scale_dtype in variants:
+            base = QuantFormat.parse(name, scale_dtype=scale_dtype)
+            if symmetric or base.kind == "int":
+                fmts.append(replace(base, symmetric=symmetric))
+    return fmts
+
+
+def _size_row(size: ModelSize, fmt: QuantFormat) -> dict:
+    return {
+        "format": fmt.name, "zero_points": fmt.has_zero_point, "scale_dtype": fmt.scale_dtype,
+        "bits_per_weight": size.bits_per_weight, "weight_bytes": size.weight_bytes, "scale_bytes": size.scale_bytes,
+        "zero_point_bytes": size.zero_point_bytes, "full_precision_bytes": size.full_precision_bytes,
+        "total_bytes": size.total_bytes, "compression": size.compression, "note": "",
+    }
+
+
+def format_sizes(model_or_listing, fmts: Sequence[QuantFormat]) -> pd.DataFrame:
+    """One row per format: bits per weight and bytes of the whole model; formats that do not fit say why."""
+    rows = []
+    for fmt in fmts:
+        try:
+            rows.append(_size_row(model_size(model_or_listing, fmt), fmt))
+        except FormatError as exc:
+            rows.append({"format": fmt.name, "zero_points": fmt.has_zero_point, "scale_dtype": fmt.scale_dtype,
+                         "note": str(exc)})
+    return pd.DataFrame(rows)
+
+
+def reference_sizes(fmts: Sequence[QuantFormat]) -> pd.DataFrame:
+    """The same formats on Llama-shaped 1B, 7B and 70B models: the "7B at INT4 = 3.5 GB + scales" sum, exactly."""
+    rows = []
+    for label, n_params, hidden in REFERENCE_MODELS:
+        for fmt in fmts:
+            size = reference_size(n_params, fmt, hidden=hidden)
+            rows.append({"model": label, "hidden": hidden, **_size_row(size, fmt),
+                         "quantized_params": size.quantized_params, "fp16_bytes": size.original_bytes})
+    return pd.DataFrame(rows).drop(columns="note")
+
+
+def layer_table(listing: TensorListing, size: ModelSize) -> pd.DataFrame:
+    """Every stored tensor: shape, dtype, bytes, role, and its bytes in the format of ``size``."""
+    dtypes = {t.name: t.dtype for t in listing.tensors}
+    rows = []
+    for layer in size.layers:
+        name = layer.name if layer.name in dtypes or not layer.quantized else f"{layer.name}.weight"
+        rows.append({
+            "name": name, "role": layer.role, "shape": "x".join(map(str, layer.shape)), "dtype": dtypes.get(name, ""),
+            "params": layer.params, "bytes": layer.fp_bytes, "quantized": layer.quantized,
+            f"bytes_{size.fmt_name}": layer.quant_bytes,
+        })
+    return pd.DataFrame(rows)
+
+
+def model_summary(model: nn.Module, kind: str) -> dict:
+    """Architecture facts for the Model page: class, type, blocks, widths, parameters, dtype, device."""
+    config = getattr(model, "config", None)
+    linears = find_linears(model)
+    first = next(model.parameters())
+    return {
+        "class": type(model).__name__, "model_type": getattr(config, "model_type", "?"), "kind": kind,
+        "blocks": len({info.block for info in linears}), "hidden_size": getattr(config, "hidden_size", None),
+        "quantizable_linears": len(linears), "linear_params": sum(info.numel for info in linears),
+        "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device),
+    }

@@ -1,0 +1,296 @@
+"""Calibration: the tokens a method looks at, and the block-sequential runner that feeds it.
+
+- ``calibration_set`` draws ``n_samples`` windows of ``seq_len`` tokens from a text, seeded, so
+  the same configuration always calibrates on the same tokens.
+- ``run_blocks`` is the block-sequential runner (GPTQ's ``Catcher`` + per-block loop): it captures
+  the inputs of the first block, then for each block deep-copies only that block, lets a
+  ``process_block(ctx)`` function quantize the copy (hooks give it H, statistics and inputs, see
+  :mod:`quantlab.inputstats`), swaps its linears for ``QuantizedLinear`` and runs the quantized
+  block to make the next block's inputs. Peak memory is one fp32 block, its activations and the
+  int8 codes of the blocks done so far; the model passed in is never modified.
+- ``collect_activation_stats`` runs the same loop without quantizing, for the outlier views.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from quantlab.algorithms.base import CalibConfig, LayerResult, QuantConfig, output_error, weight_error
+from quantlab.architectures import ArchSpec, LinearInfo, find_blocks, find_linears, spec_for, weight_matrix
+from quantlab.errors import DataError, FormatError
+from quantlab.evaluation.text_sources import load_text
+from quantlab.inputstats import ActivationStats, InputRecorder, LinearInputs
+from quantlab.primitives import Quantized, dequantize
+from quantlab.quantized import QuantizedLinear, build_quantized_model, set_submodule
+
+log = logging.getLogger(__name__)
+
+CHARS_PER_TOKEN = 4  # generous for BPE on code or English: reading this many chars per token is enough text
+SPAN_FACTOR = 8  # windows are drawn from a text this many times longer than they cover
+MIN_TEXT_CHARS = 200_000
+DEFAULT_BATCH_SIZE = 8  # calibration windows per forward pass: bounds activation memory
+
+
+def calibration_text(cfg: CalibConfig) -> str:
+    """Enough text of ``cfg.source`` to draw the windows from (a prefix, for the bundled corpus)."""
+    budget = max(MIN_TEXT_CHARS, cfg.n_tokens * CHARS_PER_TOKEN * SPAN_FACTOR)
+    return load_text(cfg.source, max_chars=budget)
+
+
+def calibration_set(tokenizer, cfg: CalibConfig, text: str | None = None) -> torch.Tensor:
+    """``(n_samples, seq_len)`` token ids: random windows of the tokenized text, seeded by ``cfg.seed``.
+
+    As in GPTQ's data loader, each window starts at a uniformly drawn token position; windows may
+    overlap. Encoders get their CLS/SEP tokens at the ends of each window.
+    """
+    if tokenizer is None:
+        raise DataError("this model has no tokenizer, so no calibration text can be tokenized; load a model folder with one")
+    text = text if text is not None else calibration_text(cfg)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    if ids.numel() <= cfg.seq_len:
+        raise DataError(
+            f"calibration text {cfg.source!r} has {ids.numel()} tokens, fewer than one window of {cfg.seq_len}; "
+            "use a longer text or a smaller --calib-len"
+        )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randint(0, ids.numel() - cfg.seq_len + 1, (cfg.n_samples,), generator=generator)
+    windows = torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])  # (N, L)
+    cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls_id is not None and sep_id is not None:
+        windows[:, 0], windows[:, -1] = cls_id, sep_id
+    return windows
+
+
+# --- the block-sequential runner ------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised once the first block's inputs are recorded: the rest of the model need not run."""
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0 of a throw-away view of the model and records what it is called with."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.captured: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self.captured.append((hidden_states, args, kwargs))
+        raise _StopForward
+
+    def __getattr__(self, name: str):
+        # Some models read attributes of their layers (e.g. Qwen's attention_type) before calling them.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """What a block is called with, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor]  # (batch, seq, hidden) each
+    args: list[tuple]  # other positional arguments (BERT passes its attention mask positionally)
+    kwargs: list[dict]  # attention mask, position ids/embeddings, use_cache=False, ...
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h[..., 0].numel() for h in self.hidden)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> BlockInputs:
+    """Run the embeddings on ``calib_ids`` and record the first block's inputs and keyword arguments."""
+    found = find_blocks(model)
+    if found is None:
+        raise FormatError(f"no transformer blocks found in {type(model).__name__}; cannot quantize it block by block")
+    blocks = found[1]
+    catcher = _Catcher(blocks[0])
+    probe = build_quantized_model(model, [catcher, *blocks[1:]])  # a view: the model itself is untouched
+    call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    with torch.no_grad():
+        for batch in calib_ids.to(model_device(model)).split(batch_size):
+            try:
+                probe(input_ids=batch, **call_kwargs)
+            except _StopForward:
+                continue
+    if not catcher.captured:
+        raise FormatError(f"{type(model).__name__} never called its first block; it cannot be calibrated block by block")
+    hidden, args, kwargs = zip(*catcher.captured)
+    return BlockInputs(list(hidden), list(args), list(kwargs))
+
+
+@dataclass
+class BlockContext:
+    """One block's turn in the runner: what ``process_block(ctx) -> list[LayerResult]`` works with.
+
+    ``block`` is a private deep copy of the model's block: a process function may change its
+    weights (AWQ/SmoothQuant fold scales into norms) and calls ``finish_linear`` for every linear
+    it quantizes; the runner then swaps those linears for ``QuantizedLinear`` and runs the block.
+    """
+
+    index: int
+    prefix: str  # the block's path in the model, e.g. "model.layers.3"
+    block: nn.Module
+    inputs: BlockInputs
+    spec: ArchSpec
+    linears: dict[str, LinearInfo]  # by name inside the block, in block order
+    config: QuantConfig | None
+    searches: dict = field(default_factory=dict)  # search data (AWQ alphas, scales, losses) for the result
+    replacements: dict[str, dict] = field(default_factory=dict)  # filled by finish_linear
+
+    @property
+    def needs_raw_inputs(self) -> bool:
+        """Static activation scales are observed on the inputs themselves, so keep them."""
+        act = self.config.act if self.config is not None else None
+        return act is not None and act.mode == "static"
+
+    def linear_modules(self, block: nn.Module | None = None) -> dict[str, nn.Module]:
+        block = block if block is not None else self.block
+        return {name: block.get_submodule(name) for name in self.linears}
+
+    def weight(self, local_name: str) -> torch.Tensor:
+        """An fp32 copy of a linear's current weight as (out, in)."""
+        return weight_matrix(self.block.get_submodule(local_name)).detach().float().clone()
+
+    def run_block(self, block: nn.Module | None = None, hidden: list[torch.Tensor] | None = None,
+                  after_batch: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """The block's outputs on ``hidden`` (default: the calibration inputs), batch by batch."""
+        block = block if block is not None else self.block
+        hidden = hidden if hidden is not None else self.inputs.hidden
+        outputs = []
+        with torch.no_grad():
+            for x, args, kwargs in zip(hidden, self.inputs.args, self.inputs.kwargs):
+                out = block(x, *args, **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+                if after_batch is not None:
+                    after_batch()
+        return outputs
+
+    def collect(self, keep_inputs: bool = False, block: nn.Module | None = None,
+                percentiles: bool = False) -> dict[str, LinearInputs]:
+        """Run ``block`` (default: the working copy) on the inputs and return what each linear saw.
+
+        ``keep_inputs`` keeps the raw inputs; ``percentiles`` adds p99/p99.9 to the statistics.
+        """
+        block = block if block is not None else self.block
+        recorder = InputRecorder(self.linear_modules(block), self.inputs.n_tokens, keep_inputs, percentiles)
+        try:
+            self.run_block(block, after_batch=recorder.next_batch)
+        finally:
+            inputs = recorder.finish()
+        return inputs
+
+    def finish_linear(self, local_name: str, quantized: Quantized, inputs: LinearInputs, *, seconds: float,
+                      clipped_fraction: float, extra: dict | None = None, in_perm: torch.Tensor | None = None,
+                      input_scale: torch.Tensor | None = None, act_quantizer=None,
+                      effective_scale: torch.Tensor | None = None, reference_weight: torch.Tensor | None = None) -> LayerResult:
+        """Record that ``local_name`` becomes ``quantized`` and measure it on the calibration inputs.
+
+        Errors compare ``reference_weight`` (default: the working copy's current weight) on the
+        inputs X that ``inputs.hessian`` was collected from with what the quantized layer computes
+        on them: X / s times Ŵ, where s is ``effective_scale`` (scales folded upstream after H was
+        collected) or else ``input_scale``. ``act_quantizer`` defaults to one built from
+        ``config.act`` (static scales observed on ``inputs.inputs``).
+        """
+        from quantlab.activations import calibrated_quantizer
+
+        module = self.block.get_submodule(local_name)
+        W = reference_weight if reference_weight is not None else weight_matrix(module).detach().float()
+        quantized = replace(quantized, dtype=weight_matrix(module).dtype)
+        scale = effective_scale if effective_scale is not None else input_scale
+        W_hat = effective_weight(quantized, in_perm, scale)  # (out, in) as applied to the original X
+        if act_quantizer is None and self.config.act is not None:
+            act_quantizer = calibrated_quantizer(self.config.act, inputs.inputs)
+        self.replacements[local_name] = {"quantized": quantized, "input_scale": input_scale,
+                                         "in_perm": in_perm, "act_quantizer": act_quantizer}
+        info = self.linears[local_name]
+        return LayerResult(
+            name=info.name, block=self.index, role=info.role, method=self.config.method,
+            output_error=output_error(W, W_hat, inputs.hessian), weight_error=weight_error(W, W_hat),
+            clipped_fraction=clipped_fraction, seconds=seconds, extra=extra or {},
+        )
+
+
+def effective_weight(quantized: Quantized, in_perm: torch.Tensor | None = None,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 (out, in) weight that multiplies the original inputs: unpermuted, divided by s."""
+    W_hat = dequantize(quantized).float()
+    if in_perm is not None:
+        W_hat = W_hat[:, torch.argsort(in_perm)]
+    return W_hat / scale.float() if scale is not None else W_hat
+
+
+def _convert(ctx: BlockContext) -> None:
+    for local_name, parts in ctx.replacements.items():
+        module = ctx.block.get_submodule(local_name)
+        set_submodule(ctx.block, local_name, QuantizedLinear.from_linear(module, **parts))
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    """What ``run_blocks`` returns."""
+
+    model: nn.Module | None  # the new model with the processed blocks; None when convert=False
+    layers: list[LayerResult]
+    searches: dict  # by block prefix: what each block's process function put in ctx.searches
+
+
+def run_blocks(model: nn.Module, calib_ids: torch.Tensor | None, process_block: Callable[[BlockContext], list[LayerResult]],
+               config: QuantConfig | None, *, convert: bool = True, batch_size: int = DEFAULT_BATCH_SIZE,
+               progress: Callable[[float, str], None] | None = None,
+               block_inputs: BlockInputs | None = None) -> BlockRun:
+    """Process ``model``'s blocks one at a time on private copies; ``model`` is never modified.
+
+    ``block_inputs`` (from ``capture_block_inputs``) may be passed to reuse a capture across runs.
+    """
+    path, blocks = find_blocks(model) or (None, None)
+    if blocks is None:
+        raise FormatError(f"no transformer blocks found in {type(model).__name__}; cannot quantize it block by block")
+    infos = find_linears(model)
+    spec = spec_for(model)
+    inputs = block_inputs if block_inputs is not None else capture_block_inputs(model, calib_ids, batch_size)
+    new_blocks, layers, searches = [], [], {}
+    for index, block in enumerate(blocks):
+        if progress is not None:
+            progress(index / len(blocks), f"block {index + 1} of {len(blocks)}")
+        linears = {info.local_name: info for info in infos if info.block == index}
+        ctx = BlockContext(index, f"{path}.{index}", copy.deepcopy(block), inputs, spec, linears, config)
+        layers.extend(process_block(ctx))
+        if ctx.searches:
+            searches[ctx.prefix] = ctx.searches
+        if convert:
+            _convert(ctx)
+            new_blocks.append(ctx.block)
+        inputs = replace(inputs, hidden=ctx.run_block())  # the processed block feeds the next one
+    if progress is not None:
+        progress(1.0, "blocks done")
+    return BlockRun(build_quantized_model(model, new_blocks) if convert else None, layers, searches)
+
+
+def collect_activation_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE,
+                             progress: Callable[[float, str], None] | None = None) -> dict[str, ActivationStats]:
+    """Input statistics of every linear in the blocks of the full-precision ``model`` (not modified).
+
+    Runs block by block on private copies, so memory stays at about one block plus activations.
+    """
+    stats: dict[str, ActivationStats] = {}
+
+    def record(ctx: BlockContext) -> list[LayerResult]:
+        for local_name, inputs in ctx.collect(percentiles=True).items():
+            stats[ctx.linears[local_name].name] = inputs.stats
+        return []
+
+    run_blocks(model, calib_ids, record, config=None, convert=False, batch_size=batch_size, progress=progress)
+    return stats

@@ -1,0 +1,53 @@
+"""Evaluate a model: token and word perplexity, bits per byte (causal LM) or embedding fidelity (encoder)."""
+
+from __future__ import annotations
+
+import argparse
+
+from quantlab.cli import emit
+from quantlab.evaluation import SOURCES, EvalConfig, FidelityResult, PerplexityResult, evaluate, load_text
+from quantlab.models import BUNDLED_LM, load_model
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", default=None,
+                        help=f"hub id, model folder or bundled name (default: {BUNDLED_LM})")
+    parser.add_argument("--text", default="heldout", metavar="FILE|" + "|".join(SOURCES),
+                        help="text to evaluate on: a .txt file, heldout (default, offline), train, or wikitext2 "
+                             "(needs the Hugging Face hub)")
+    parser.add_argument("--ctx", type=int, default=None,
+                        help="tokens per window (default: the model's context, at most 2048)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="tokens between window starts; less than --ctx gives sliding windows (default: ctx)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: automatic)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="compute dtype (default: float32; bfloat16 runs under autocast)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                        dtype=args.dtype)
+    loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
+    text = load_text(args.text)
+    result = evaluate(loaded.model, loaded.tokenizer, loaded.kind, text, config)
+    payload = {"model": loaded.name, "kind": loaded.kind, "text": str(args.text)} | result.to_dict()
+    emit(payload, args.json, describe(loaded.name, str(args.text), result))
+    return 0
+
+
+def describe(name: str, text: str, result: PerplexityResult | FidelityResult) -> str:
+    """Each number with its definition: users compare them across tools."""
+    definitions = result.definitions()
+    if isinstance(result, FidelityResult):
+        lines = [f"{name} on {text}: fidelity {result.fidelity:.6f} (min {result.min_cosine:.6f})",
+                 "  (a model against itself; quantize it to see fidelity drop)"]
+    else:
+        lines = [f"{name} on {text}:",
+                 f"  perplexity       {result.perplexity:12.4f}",
+                 f"  word perplexity  {result.word_perplexity:12.4f}",
+                 f"  bits per byte    {result.bits_per_byte:12.4f}"]
+    return "\n".join(lines + [f"  {key}: {text}" for key, text in definitions.items()])

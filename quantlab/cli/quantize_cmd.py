@@ -1,0 +1,136 @@
+"""Quantize a model with RTN, GPTQ, AWQ or SmoothQuant, evaluate it, and optionally export it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from quantlab.cli import emit
+from quantlab.cli.size_cmd import BUNDLED_LM, FORMATS, format_from_args
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", default=None, help=f"hub id, model folder or bundled name (default: {BUNDLED_LM})")
+    parser.add_argument("--method", default="rtn", choices=METHODS, help="quantization algorithm (default rtn)")
+    parser.add_argument("--format", default="int4", choices=FORMATS, help="weight number format (default int4)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="values per scale along the input: N>0 groups, 0 per-channel, -1 per-tensor (default per-channel)")
+    parser.add_argument("--asym", action="store_true", help="asymmetric integers (adds a zero-point per scale)")
+    parser.add_argument("--scale-dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="how scales are stored")
+    add_run_options(parser)
+    parser.add_argument("--act", default=None, choices=("int8", "int4"), help="also quantize linear inputs (W8A8, W4A8)")
+    parser.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"),
+                        help="dynamic per-token scales, or static per-tensor scales from calibration")
+    parser.add_argument("--act-observer", default="minmax", choices=("minmax", "percentile", "mse"),
+                        help="how static activation scales are calibrated")
+    parser.add_argument("--kv", default=None, choices=("int8", "int4", "fp8-e4m3"), help="quantize the KV cache")
+    parser.add_argument("--kv-granularity", default="per-token", choices=("per-token", "per-head"))
+    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H)")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing diag(H)")
+    parser.add_argument("--static-groups", action="store_true", help="GPTQ: group scales from the original weights")
+    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
+    parser.add_argument("--out", default=None, metavar="DIR", help="export the quantized model (compressed-tensors) to DIR")
+    parser.add_argument("--record", default=None, metavar="FILE", help="write a run record (JSON) the app can open")
+    parser.add_argument("--json", action="store_true", help="print JSON: perplexity/fidelity, sizes, seconds, layers")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared with ``sweep``: calibration, evaluation, device."""
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 32, 128 for large models)")
+    parser.add_argument("--calib-len", type=int, default=None, help="tokens per window (default: 256, 2048 for large models)")
+    parser.add_argument("--calib-source", default="train", help="train (bundled text), heldout, a .txt file or wikitext2")
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+    parser.add_argument("--text", default=None, help="evaluation text: heldout (default), a .txt file or wikitext2")
+    parser.add_argument("--max-eval-tokens", type=int, default=None, help="cap on evaluation tokens")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+
+
+def calib_from_args(args: argparse.Namespace, model):
+    from quantlab.algorithms.base import CalibConfig
+
+    overrides = {"seed": args.seed, "source": args.calib_source}
+    if args.calib_samples is not None:
+        overrides["n_samples"] = args.calib_samples
+    if args.calib_len is not None:
+        overrides["seq_len"] = args.calib_len
+    return CalibConfig.for_model(model, **overrides)
+
+
+def config_from_args(args: argparse.Namespace, model):
+    from quantlab.algorithms.base import ActSpec, GPTQParams, KVSpec, QuantConfig
+
+    act = None
+    if args.act is not None:
+        granularity = "per-token" if args.act_mode == "dynamic" else "per-tensor"
+        act = ActSpec(int(args.act[3:]), args.act_mode, args.act_observer, granularity)
+    return QuantConfig(
+        method=args.method, weight_format=format_from_args(args), act=act,
+        kv=KVSpec(args.kv, args.kv_granularity) if args.kv else None, calib=calib_from_args(args, model),
+        gptq=GPTQParams(damp=args.damp, act_order=args.act_order, static_groups=args.static_groups),
+        smooth_alpha=args.alpha,
+    )
+
+
+def load_source(args: argparse.Namespace):
+    from quantlab.evaluation import load_text
+    from quantlab.models import load_model
+
+    loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
+    text = load_text(args.text) if args.text else None
+    return loaded, text
+
+
+def stderr_progress(fraction: float, message: str) -> None:
+    """A one-line progress bar on stderr, redrawn in place."""
+    width = 30
+    filled = int(round(width * min(max(fraction, 0.0), 1.0)))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}% {message[:60]:<60}")
+    if fraction >= 1.0:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlab.pipeline import quantize_model
+
+    loaded, text = load_source(args)
+    config = config_from_args(args, loaded.model)
+    model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() else None, text,
+                                   args.max_eval_tokens)
+    document = summary(result)
+    if args.out:
+        from quantlab.export import export_compressed
+
+        document["export"] = str(export_compressed(model, args.out, loaded.tokenizer).path)
+    if args.record:
+        from quantlab.records import write_record
+
+        write_record(args.record, [result], loaded, kind="quantize")
+        document["record"] = args.record
+    emit(document, args.json, describe(result))
+    return 0
+
+
+def summary(result) -> dict:
+    """The run as JSON, with the headline quality numbers also at the top level."""
+    quality = {k: v for k, v in result.quality.items() if k != "definitions"}
+    return quality | result.to_dict()
+
+
+def describe(result) -> str:
+    quality = result.quality
+    metric = "perplexity" if "perplexity" in quality else "fidelity"
+    lines = [
+        f"{result.config.name}: {result.bits_per_weight:.3f} bits/weight, {result.total_bytes:,} bytes, "
+        f"quantized in {result.seconds:.1f} s",
+    ]
+    if metric in quality:
+        kl = f", KL {quality['kl_divergence']:.4f}" if "kl_divergence" in quality else ""
+        lines.append(f"{metric} {quality[metric]:.4f}{kl}")
+    if result.layers:
+        lines.append(f"{'layer':<40} {'out err':>9} {'w err':>9} {'clipped':>8}")
+        lines += [f"{r.name:<40} {r.output_error:9.2e} {r.weight_error:9.2e} {r.clipped_fraction:8.4f}" for r in result.layers]
+    return "\n".join(lines)

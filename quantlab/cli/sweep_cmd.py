@@ -1,0 +1,58 @@
+"""Run a list of quantization configurations on one model and record quality against size."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from quantlab.cli import emit
+from quantlab.cli.quantize_cmd import BUNDLED_LM, add_run_options, calib_from_args, load_source, stderr_progress
+
+DEFAULT_NAMES = "fp,int8,int4-g128,int4-g64,int4-per-channel,int3-g128,gptq-int4-g128,awq-int4-g128,w8a8-smoothquant,kv-int8"
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", default=None, help=f"hub id, model folder or bundled name (default: {BUNDLED_LM})")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated configuration names, e.g. gptq-int4-g128,int8,w8a8-smoothquant,kv-int8 "
+                             f"(default: {DEFAULT_NAMES})")
+    add_run_options(parser)
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="write the sweep as a run record the app opens")
+    parser.add_argument("--json", action="store_true", help="print JSON: one record per configuration")
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlab.pipeline import SWEEP_EVAL_TOKENS, run_sweep, sweep_configs
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
+    loaded, text = load_source(args)
+    configs = sweep_configs(names, calib_from_args(args, loaded.model))  # parse before the long work starts
+    results = run_sweep(loaded, configs, stderr_progress, text, args.max_eval_tokens or SWEEP_EVAL_TOKENS)
+    if args.out:
+        from quantlab.records import write_record
+
+        write_record(args.out, results, loaded, kind="sweep", evaluation=args.text or "heldout")
+    records = [row(r) for r in results]
+    emit({"model": loaded.name, "runs": records, "out": args.out}, args.json, describe(records))
+    return 0
+
+
+def row(result) -> dict:
+    """One configuration's summary line: config, bits, bytes, quality, KL, seconds."""
+    quality = result.quality
+    return {
+        "config": result.config.name, "method": result.config.method, "bits_per_weight": result.bits_per_weight,
+        "total_bytes": result.total_bytes, "perplexity": quality.get("perplexity"), "fidelity": quality.get("fidelity"),
+        "kl_divergence": quality.get("kl_divergence"), "top1_agreement": quality.get("top1_agreement"),
+        "seconds": result.seconds,
+    }
+
+
+def describe(records: list[dict]) -> str:
+    lines = [f"{'config':<36} {'bits/w':>7} {'MiB':>8} {'ppl/fid':>9} {'KL':>8} {'s':>6}"]
+    for r in records:
+        quality = r["perplexity"] if r["perplexity"] is not None else r["fidelity"]
+        kl = f"{r['kl_divergence']:8.4f}" if r["kl_divergence"] is not None else f"{'-':>8}"
+        lines.append(f"{r['config']:<36} {r['bits_per_weight']:7.3f} {r['total_bytes'] / 2**20:8.2f} "
+                     f"{quality if quality is None else round(quality, 4)!s:>9} {kl} {r['seconds']:6.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Token perplexity, word perplexity and bits per byte, each labelled with its definition.
+
+    >>> result = perplexity(model, tokenizer, load_text("heldout"), EvalConfig(ctx=256))  # doctest: +SKIP
+    >>> result.perplexity, result.definitions()["perplexity"]                           # doctest: +SKIP
+
+- token perplexity: exp(mean NLL over the scored tokens), windows as in :mod:`.scoring`;
+- word perplexity: exp(total NLL / words) and bits per byte: total NLL / (ln 2 x UTF-8 bytes), as
+  lm-eval's wikitext task defines them, over the text the scored tokens cover;
+- with a full-precision ``reference`` (:func:`reference_logprobs`), KL divergence and top-1
+  agreement in the same pass (:mod:`.divergence`).
+
+Evaluation runs where the model is (load it on CUDA to evaluate on CUDA) and never changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from quantlab.evaluation.config import EvalConfig
+from quantlab.evaluation.divergence import (
+    DivergenceAccumulator, DivergenceResult, ReferenceLogProbs, TopKCollector, cached_batches,
+)
+from quantlab.evaluation.scoring import (
+    TokenStream, Window, compute_dtype_name, count_words, encode_text, plan_windows, score_windows,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float  # exp(nll)
+    nll: float  # mean negative log-likelihood per scored token, nats
+    tokens: int  # scored tokens
+    words: int  # whitespace-separated words of the covered text (lm-eval's count)
+    bytes: int  # UTF-8 bytes of the covered text
+    word_perplexity: float
+    bits_per_byte: float
+    ctx: int
+    stride: int
+    n_windows: int
+    prepend_bos: bool
+    dtype: str  # the compute dtype: float32, bfloat16, ...
+    divergence: DivergenceResult | None = None  # against a full-precision reference, when one was given
+
+    metric = "perplexity"  # the headline metric, so sweeps can treat causal and encoder results alike
+
+    @property
+    def value(self) -> float:
+        return self.perplexity
+
+    @property
+    def window_scheme(self) -> str:
+        if self.stride == self.ctx:
+            return f"non-overlapping windows of {self.ctx} tokens (GPTQ), first token of each window not scored"
+        return (f"sliding windows of {self.ctx} tokens, stride {self.stride}: each window scores up to its last "
+                f"{self.stride} tokens (Hugging Face)")
+
+    def definitions(self) -> dict[str, str]:
+        """What each number means, for labels and tooltips: users compare numbers across tools."""
+        first = ", first text token scored after BOS" if self.prepend_bos else ""
+        definitions = {
+            "perplexity": f"token perplexity = exp(mean NLL over {self.tokens:,} predicted tokens); "
+                          f"{self.window_scheme}{first}; {self.dtype}",
+            "word_perplexity": f"exp(total NLL / {self.words:,} whitespace-separated words), lm-eval wikitext definition",
+            "bits_per_byte": f"total NLL / (ln 2 x {self.bytes:,} UTF-8 bytes), lm-eval wikitext definition",
+        }
+        return definitions | (self.divergence.definitions() if self.divergence else {})
+
+    def to_dict(self) -> dict:
+        fields = {name: getattr(self, name) for name in (
+            "perplexity", "nll", "tokens", "words", "bytes", "word_perplexity", "bits_per_byte", "ctx", "stride",
+            "n_windows", "prepend_bos", "dtype")}
+        return fields | (self.divergence.to_dict() if self.divergence else {}) | {"definitions": self.definitions()}
+
+
+class _NllSum:
+    def __init__(self):
+        self.total = 0.0  # a Python float (double): 10^5 token NLLs summed in fp32 would lose digits
+        self.count = 0
+
+    def update(self, logprobs, targets) -> None:
+        self.total -= float(logprobs.gather(1, targets[:, None]).double().sum())
+        self.count += targets.numel()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    config: EvalConfig  # resolved for the model
+    stream: TokenStream
+    windows: list[Window]
+
+    @property
+    def fingerprint(self) -> tuple:
+        """What a cached reference must share with a later pass for their positions to line up."""
+        digest = hashlib.sha1(self.stream.ids.numpy().tobytes()).hexdigest()[:16]
+        return self.config.ctx, self.config.stride, self.config.prepend_bos, len(self.stream.ids), digest
+
+
+def _prepare(model, tokenizer, text: str, config: EvalConfig | None) -> _Prepared:
+    config = (config or EvalConfig()).resolved(model)
+    stream = encode_text(tokenizer, text, config.max_tokens, config.prepend_bos)
+    return _Prepared(config, stream, plan_windows(len(stream.ids), config.ctx, config.stride))
+
+
+def _run(model, prepared: _Prepared, extra_observers=()) -> PerplexityResult:
+    """One pass over the windows; every observer sees every batch of log-probs."""
+    config, stream = prepared.config, prepared.stream
+    log.info("scoring %d tokens in %d windows of %d (stride %d), batch %d", len(stream.ids), len(prepared.windows),
+             config.ctx, config.stride, config.batch_size)
+    nll = _NllSum()
+    for logprobs, targets in score_windows(model, stream, prepared.windows, config):
+        for observer in (nll, *extra_observers):
+            observer.update(logprobs, targets)
+    mean_nll = nll.total / nll.count
+    words, n_bytes = count_words(stream.text), len(stream.text.encode("utf-8"))
+    return PerplexityResult(
+        perplexity=math.exp(mean_nll), nll=mean_nll, tokens=nll.count, words=words, bytes=n_bytes,
+        word_perplexity=math.exp(nll.total / words), bits_per_byte=nll.total / (math.log(2) * n_bytes),
+        ctx=config.ctx, stride=config.stride, n_windows=len(prepared.windows),
+        prepend_bos=bool(stream.prefix_tokens), dtype=compute_dtype_name(model, config.dtype),
+    )
+
+
+def perplexity(model, tokenizer, text: str, config: EvalConfig | None = None,
+               reference: ReferenceLogProbs | torch.nn.Module | None = None) -> PerplexityResult:
+    """Perplexity of a causal LM on ``text``; with a reference, KL and top-1 agreement in the same pass.
+
+    ``reference`` is a cached :func:`reference_logprobs` (cheap per model: KL over its top-k tokens)
+    or the full-precision model itself (exact full-vocabulary KL, at the cost of running both).
+    """
+    prepared = _prepare(model, tokenizer, text, config)
+    if reference is None:
+        return _run(model, prepared)
+    vocab_size = model.config.vocab_size
+    if isinstance(reference, torch.nn.Module):
+        paired = score_windows(reference, prepared.stream, prepared.windows, prepared.config)
+        divergence = DivergenceAccumulator(((lp, None) for lp, _ in paired), vocab_size, vocab_size)
+    else:
+        reference.check_matches(prepared.fingerprint)
+        batch = prepared.config.batch_size
+        sizes = [sum(w.n_scored for w in prepared.windows[i : i + batch]) for i in range(0, len(prepared.windows), batch)]
+        divergence = DivergenceAccumulator(cached_batches(reference, sizes), reference.values.shape[1],
+                                           reference.vocab_size)
+    return replace(_run(model, prepared, (divergence,)), divergence=divergence.result())
+
+
+def reference_logprobs(model, tokenizer, text: str, config: EvalConfig | None = None) -> ReferenceLogProbs:
+    """Score the full-precision model once, keeping its top-k log-probs for later KL comparisons.
+
+    The returned reference carries the model's own PerplexityResult as ``.result``.
+    """
+    prepared = _prepare(model, tokenizer, text, config)
+    collector = TopKCollector(prepared.config.top_k)
+    result = _run(model, prepared, (collector,))
+    return collector.reference(prepared.fingerprint, result)
+
+
+def compare_logits(model_q, model_fp, tokenizer, text: str, config: EvalConfig | None = None) -> DivergenceResult:
+    """Exact mean KL(P_fp || P_q) over the full vocabulary and top-1 agreement, on the same windows."""
+    return perplexity(model_q, tokenizer, text, config, reference=model_fp).divergence

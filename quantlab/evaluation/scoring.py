@@ -1,0 +1,136 @@
+"""The evaluator's inner loop: tokenize once, cut windows, run batches, yield log-probs of scored tokens.
+
+Windows follow Hugging Face's sliding-window recipe over the joined, once-tokenized text: a window
+of ``ctx`` tokens starts every ``stride`` tokens and scores only the tokens no earlier window
+scored (at most ``ctx - 1``, since a window's first token has nothing to condition on). With
+``stride == ctx`` these are GPTQ's non-overlapping windows. One difference from both: the last
+window is aligned to the end of the text, so the tail keeps a full context (GPTQ drops the tail,
+Hugging Face scores it from a short window) and every window has the same length, which batches
+without padding. With ``max_tokens`` a multiple of ``ctx`` the result is GPTQ's to the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from quantlab.errors import DataError, FormatError
+from quantlab.evaluation.config import EvalConfig
+
+log = logging.getLogger(__name__)
+
+MIN_TOKENS = 16  # fewer tokens give a perplexity dominated by the first few predictions
+
+
+class Window(NamedTuple):
+    begin: int  # first token of the window in the stream
+    end: int  # one past its last token
+    n_scored: int  # its last n_scored tokens are scored, each predicted from everything before it
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """The text as one token sequence, and the part of the text those tokens cover."""
+
+    ids: torch.Tensor  # (N,) int64 on the CPU, BOS first when prepend_bos
+    text: str  # the text the scored tokens cover: all of it, or a prefix when max_tokens cut it
+    prefix_tokens: int  # 1 when a BOS token was put in front, else 0
+
+
+def encode_text(tokenizer, text: str, max_tokens: int | None = None, prepend_bos: bool = False) -> TokenStream:
+    """Tokenize ``text`` once, with the tokenizer's own special tokens (as GPTQ and lm-eval do)."""
+    if tokenizer is None:
+        raise DataError("this model has no tokenizer, so it cannot be evaluated on text")
+    fast = getattr(tokenizer, "is_fast", False)
+    encoding = tokenizer(text, return_offsets_mapping=fast, verbose=False)
+    ids = list(encoding["input_ids"])
+    covered = text
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[:max_tokens]
+        # Offsets give the exact characters covered; slow tokenizers have none, so decode instead.
+        covered = text[: encoding["offset_mapping"][max_tokens - 1][1]] if fast else tokenizer.decode(ids)
+    prefix = 0
+    if prepend_bos:
+        bos = prefix_token_id(tokenizer)
+        if not ids or ids[0] != bos:  # tokenizers that add BOS themselves get no second one
+            ids, prefix = [bos, *ids], 1
+    if len(ids) - prefix < MIN_TOKENS:
+        raise DataError(f"the text has {len(ids) - prefix} tokens; evaluation needs at least {MIN_TOKENS}")
+    return TokenStream(torch.tensor(ids, dtype=torch.long), covered, prefix)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """BOS, or EOS where there is no BOS: lm-eval's choice of the token that starts a document."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise FormatError("prepend_bos needs a BOS or EOS token, and this tokenizer has neither")
+    return token
+
+
+def plan_windows(n_tokens: int, ctx: int, stride: int) -> list[Window]:
+    """Windows that together score every token once (stride < ctx) or all but window starts (stride == ctx)."""
+    if not 1 <= stride <= ctx:
+        raise FormatError(f"stride must be between 1 and ctx ({ctx}), got {stride}")
+    length = min(ctx, n_tokens)
+    windows: list[Window] = []
+    scored_until = 1  # targets before this position are scored; position 0 has no context
+    begin = 0
+    while scored_until < n_tokens:
+        end = min(begin + length, n_tokens)
+        begin = end - length  # the tail window is right-aligned so that it keeps a full context
+        windows.append(Window(begin, end, min(end - scored_until, length - 1)))
+        scored_until = end
+        begin += stride
+    return windows
+
+
+def count_words(text: str) -> int:
+    """Words as lm-eval's wikitext task counts them: pieces of a split on runs of whitespace."""
+    return len(re.split(r"\s+", text))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def compute_context(model: torch.nn.Module, dtype: str | None):
+    """Autocast for ``dtype="bfloat16"`` on fp32 weights; nothing when the model already runs in ``dtype``."""
+    weights = next(model.parameters()).dtype
+    if dtype is None or getattr(torch, dtype) == weights:
+        return contextlib.nullcontext()
+    if dtype == "float32":
+        raise FormatError(f"the model's weights are {weights}; load it in float32 to evaluate in float32")
+    return torch.autocast(model_device(model).type, dtype=torch.bfloat16)
+
+
+def compute_dtype_name(model: torch.nn.Module, dtype: str | None) -> str:
+    return dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def score_windows(model, stream: TokenStream, windows: list[Window],
+                  config: EvalConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch of windows: fp32 log-probs at the scored positions (n, V) and the tokens they predict (n,).
+
+    Positions come out in stream order, so a consumer can line them up with a cached reference.
+    """
+    device = model_device(model)
+    for start in range(0, len(windows), config.batch_size):
+        batch = windows[start : start + config.batch_size]
+        inputs = torch.stack([stream.ids[w.begin : w.end] for w in batch]).to(device)  # (B, L)
+        length = inputs.shape[1]
+        with torch.inference_mode(), compute_context(model, config.dtype):
+            logits = model(input_ids=inputs, use_cache=False).logits  # (B, L, V)
+        # Predictor p scores token p + 1, so a window's last n_scored tokens come from p >= L - 1 - n.
+        first = torch.tensor([length - 1 - w.n_scored for w in batch], device=device)  # (B,)
+        positions = torch.arange(length - 1, device=device)  # (L-1,)
+        mask = positions[None, :] >= first[:, None]  # (B, L-1)
+        # fp32 log-softmax whatever the compute dtype: bf16 sums over a vocabulary lose ~3 digits.
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (n, V)
+        yield logprobs, inputs[:, 1:][mask]

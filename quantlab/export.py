@@ -1,0 +1,316 @@
+"""Export a weight-quantized model as a compressed-tensors ``pack-quantized`` checkpoint.
+
+vLLM and transformers (through the compressed-tensors library) load this format. Per quantized
+linear ``NAME`` the folder holds::
+
+    NAME.weight_packed      int32 (out, ceil(in * bits / 32)): codes packed densely, 32 codes per bits words
+    NAME.weight_scale       (out, groups) for groups, (out, 1) per channel, (1,) per tensor; the scale dtype
+    NAME.weight_zero_point  int32, zero-points packed along the output dimension (asymmetric only)
+    NAME.weight_shape       int64 (2,): (out, in)
+
+and ``config.json`` gains a ``quantization_config`` (``quant_method: compressed-tensors``,
+``format: pack-quantized``, one config group with num_bits/type/symmetric/strategy/group_size,
+``ignore`` listing the linears left in full precision). Everything else (embeddings, norms, an
+untied lm_head, biases) is saved as it is, tied tensors once; the tokenizer is saved beside it.
+
+What the library does and what is written here: packing (``pack_to_int32``), the scheme and config
+objects (``QuantizationArgs``/``QuantizationScheme``/``QuantizationConfig``) and writing the config
+into config.json (``ModelCompressor.update_config``) are compressed-tensors'. Its own ``compress``
+is not used because it re-derives the codes from a float weight; QuantLab already has the exact
+codes, so they are converted here and packed directly, which keeps the file bit-exact. Written by
+hand: that conversion, the choice of tensors to save, sharding and the folder handling.
+
+Integer conventions: compressed-tensors stores codes and zero-points as signed ``b``-bit integers
+in [-2^(b-1), 2^(b-1)-1] and dequantizes ``(q - z) * s``. QuantLab's symmetric codes lie in the
+restricted range [-(2^(b-1)-1), 2^(b-1)-1], inside that one, and are stored unchanged; its
+asymmetric codes and zero-points lie in [0, 2^b-1] and are both shifted by -2^(b-1), which leaves
+``q - z`` and so every dequantized value exactly as it was.
+
+Known limit of the loaders (not of the file): transformers 5 with compressed-tensors 0.20 expects
+unpacked zero-points when it builds the model, so asymmetric checkpoints load with the library's
+decompression and in vLLM but not through ``AutoModelForCausalLM`` (llm-compressor issue #1618).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantlab.errors import FormatError
+from quantlab.formats import QuantFormat
+from quantlab.quantized import QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+# transformers classes of these model types hold their linears as Conv1D, weight (in, out), which
+# compressed-tensors' "Linear" target does not match: their export would not load anywhere.
+CONV1D_MODEL_TYPES = ("gpt2",)
+MAX_SHARD_SIZE = "5GB"  # transformers' default shard size
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_compressed`` wrote."""
+
+    path: Path
+    files: tuple[str, ...]  # every file in the folder
+    quantized_layers: tuple[str, ...]
+    ignored: tuple[str, ...]  # linears left in full precision (in ``quantization_config.ignore``)
+    weights_bytes: int  # the .safetensors files on disk, headers included
+    folder_bytes: int  # everything: weights, config.json, generation config, tokenizer files
+    seconds: float
+    quantization_config: dict
+
+
+def export_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None,
+                      max_shard_size: int | str = MAX_SHARD_SIZE) -> ExportResult:
+    """Write ``model`` (holding ``QuantizedLinear`` layers) to a new folder ``out_dir``.
+
+    Refuses an existing non-empty folder, and writes into a temporary folder beside it that is
+    renamed at the end, so a failure never leaves a half-written export or touches other files.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    check_output_folder(out)
+    quantized = _quantized_modules(model)
+    fmt = _common_format(quantized)
+    ignored = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    config = _quantization_config(fmt, ignored)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        weight_files = _write_weights(model, quantized, staging, max_shard_size)
+        _write_config(model, config, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()  # empty, as checked: the finished export takes its place
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = tuple(sorted(p.name for p in out.iterdir()))
+    return ExportResult(
+        out, files, tuple(quantized), ignored, sum((out / f).stat().st_size for f in weight_files),
+        sum(p.stat().st_size for p in out.iterdir() if p.is_file()), time.perf_counter() - start,
+        json.loads((out / "config.json").read_text())["quantization_config"],
+    )
+
+
+def check_output_folder(out: Path) -> None:
+    """An export goes to a new or empty folder: nothing already there is ever overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        kind = "folder is not empty" if out.is_dir() else "path is a file"
+        raise FormatError(f"{out}: the {kind}; choose a new folder for the export (nothing was written)")
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in CONV1D_MODEL_TYPES:
+        raise FormatError(f"{model_type} stores its linears as Conv1D, which compressed-tensors checkpoints cannot "
+                          "describe; export a Llama-, OPT-, NeoX- or BERT-style model")
+    found = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not found:
+        raise FormatError("the model has no quantized linear layers; export the model a quantization run returns")
+    for name, module in found.items():
+        if module.fmt.kind != "int":
+            raise FormatError(f"{name} is {module.fmt.name}; pack-quantized holds integer formats "
+                              "(int2..int8), not FP8 or NF4")
+        if module.input_scale is not None:
+            raise FormatError(f"{name} divides its input by smoothing scales that were not folded into the "
+                              "op before it, and pack-quantized has no place for them; use a method or "
+                              "architecture where the scales fold (see architectures.ScalePair)")
+    if any(m.act_quantizer is not None for m in found.values()):
+        log.warning("activation quantization is simulated in QuantLab only; the export holds the quantized "
+                    "weights with full-precision activations (W%dA16)", next(iter(found.values())).fmt.n_bits)
+    return found
+
+
+def _common_format(quantized: dict[str, QuantizedLinear]) -> QuantFormat:
+    """The one weight format of the run: a single config group describes every layer."""
+    def key(fmt: QuantFormat):
+        return fmt.n_bits, fmt.symmetric, fmt.granularity
+
+    formats = {key(m.fmt): m.fmt for m in quantized.values()}
+    if len(formats) > 1:
+        raise FormatError(f"layers use different formats ({sorted(f.name for f in formats.values())}); "
+                          "export a run with one weight format")
+    return next(iter(formats.values()))
+
+
+def _quantization_config(fmt: QuantFormat, ignored: tuple[str, ...]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    strategy = {"group": "group", "channel": "channel", "tensor": "tensor"}[fmt.granularity.kind]
+    args = QuantizationArgs(
+        num_bits=fmt.n_bits, type="int", symmetric=fmt.symmetric, strategy=strategy,
+        group_size=fmt.granularity.group_size if strategy == "group" else None,
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    return QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignored), format="pack-quantized",
+                              quantization_status="compressed")
+
+
+def layer_tensors(name: str, module: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """One quantized linear as compressed-tensors stores it (codes exact; see the module docstring)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    fmt = module.fmt
+    codes = module.codes.to(torch.int32)  # (out, in), stored column order
+    scale = module.scale  # (rows, groups, 1)
+    shift = 0 if fmt.symmetric else 2 ** (fmt.n_bits - 1)
+    if module.in_perm is not None:
+        codes = _unpermute(name, codes, module.in_perm, fmt)
+    per_tensor = fmt.granularity.kind == "tensor"
+    rows, groups = scale.shape[0], scale.shape[1]
+    out = {
+        f"{name}.weight_packed": pack_to_int32((codes - shift).to(torch.int8), fmt.n_bits),
+        f"{name}.weight_scale": scale.reshape(1) if per_tensor else scale.reshape(rows, groups).contiguous(),
+        f"{name}.weight_shape": torch.tensor(tuple(module.codes.shape), dtype=torch.int64),
+    }
+    if not fmt.symmetric:
+        zero_point = (module.zero_point.reshape(rows, groups) - shift).to(torch.int8)  # (out, groups)
+        out[f"{name}.weight_zero_point"] = (
+            zero_point.reshape(1) if per_tensor  # stored unpacked, as the library does for per-tensor
+            else pack_to_int32(zero_point, fmt.n_bits, packed_dim=0)
+        )
+    if module.bias is not None:
+        out[f"{name}.bias"] = module.bias.detach().contiguous()
+    return out
+
+
+def _unpermute(name: str, codes: torch.Tensor, in_perm: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Codes in input order; GPTQ act-order codes are stored permuted (column j is feature in_perm[j])."""
+    position = torch.argsort(in_perm)  # (in,): stored column of each input feature
+    if fmt.granularity.kind == "group":
+        g = fmt.granularity.group_size
+        if not torch.equal(position // g, torch.arange(len(position), device=position.device) // g):
+            raise FormatError(f"{name}: act-order groups follow the permuted column order, which needs a g_idx "
+                              "tensor that compressed-tensors no longer supports; quantize with GPTQ static "
+                              "groups, per-channel, or without act-order to export")
+    return codes[:, position]
+
+
+def _full_precision_tensors(model: nn.Module, quantized: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
+    """Every persistent tensor outside the quantized layers, tied ones once (as save_pretrained does)."""
+    owned = tuple(f"{name}." for name in quantized)
+    seen, kept = set(), {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key.startswith(owned) or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        kept[key] = tensor.detach().contiguous()
+    return kept
+
+
+def _write_weights(model: nn.Module, quantized: dict[str, QuantizedLinear], folder: Path,
+                   max_shard_size: int | str) -> list[str]:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    tensors = _full_precision_tensors(model, quantized)
+    for name, module in quantized.items():
+        tensors.update(layer_tensors(name, module))
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, folder / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return list(split.filename_to_tensors)
+
+
+def _write_config(model: nn.Module, config, folder: Path) -> None:
+    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    ModelCompressor(quantization_config=config).update_config(str(folder))
+
+
+# --- run data: per-layer results and calibration statistics, reopenable without recomputing ------
+
+RUNS_FILE = "runs.json"
+STATS_FILE = "calibration_stats.safetensors"
+STATS_INFO_FILE = "calibration_stats.json"
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What ``load_run_data`` reopens."""
+
+    record: object  # records.RunRecord: the runs with their per-layer results and searches
+    stats: dict  # linear name -> inputstats.ActivationStats (absmax, mean |x|, p99, p999 per channel)
+
+
+def export_run_data(runs, stats: dict | None, out_dir: str | Path) -> Path:
+    """Write runs (a RunResult, several, or a RunRecord) and activation statistics to a new folder.
+
+    ``runs.json`` is a run record (or a bare list of run results, which ``records.read_record``
+    also opens); ``calibration_stats.safetensors`` holds each linear's per-channel tensors under
+    ``NAME.absmax``, ``NAME.mean_abs``, ...; ``calibration_stats.json`` the non-tensor fields.
+    """
+    from safetensors.torch import save_file
+
+    from quantlab.algorithms.base import RunResult, jsonable
+    from quantlab.records import RunRecord
+
+    out = Path(out_dir)
+    check_output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(runs, RunRecord):
+        document = runs.to_dict()
+    else:
+        document = [r.to_dict() for r in ((runs,) if isinstance(runs, RunResult) else runs)]
+    (out / RUNS_FILE).write_text(json.dumps(document, indent=1, allow_nan=False))
+    tensors, info = {}, {}
+    for layer, layer_stats in (stats or {}).items():
+        fields = layer_stats if isinstance(layer_stats, dict) else vars(layer_stats)
+        for field_name, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                # Linears fed by one op (q/k/v) share their statistics' tensors; safetensors wants each once.
+                tensors[f"{layer}.{field_name}"] = value.detach().cpu().clone()
+            else:
+                info.setdefault(layer, {})[field_name] = jsonable(value)
+    if tensors:
+        save_file(tensors, out / STATS_FILE, metadata={"format": "pt"})
+    (out / STATS_INFO_FILE).write_text(json.dumps(info, indent=1, allow_nan=False))
+    return out
+
+
+def load_run_data(folder: str | Path) -> RunData:
+    """Reopen what ``export_run_data`` wrote; a missing or damaged file is a DataError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from quantlab.errors import DataError
+    from quantlab.inputstats import ActivationStats
+    from quantlab.records import read_record
+
+    folder = Path(folder)
+    record = read_record(folder / RUNS_FILE)
+    try:
+        info = json.loads((folder / STATS_INFO_FILE).read_text())
+        tensors = load_file(folder / STATS_FILE) if (folder / STATS_FILE).exists() else {}
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise DataError(f"{folder}: calibration statistics cannot be read ({exc}); export the run again") from None
+    by_layer: dict[str, dict] = {layer: dict(fields) for layer, fields in info.items()}
+    for key, tensor in tensors.items():
+        layer, _, field_name = key.rpartition(".")
+        by_layer.setdefault(layer, {})[field_name] = tensor
+    try:
+        stats = {layer: ActivationStats(**fields) for layer, fields in by_layer.items()}
+    except TypeError as exc:
+        raise DataError(f"{folder}: calibration statistics have unexpected fields ({exc})") from None
+    return RunData(record, stats)

@@ -1,0 +1,140 @@
+"""What a block's linears see on the calibration tokens: H, channel statistics, the inputs.
+
+- ``ActivationStats`` summarise the inputs of one linear per input channel (absmax, mean |x|,
+  99th and 99.9th percentiles of |x|): the data behind the outlier views and AWQ's salience.
+- ``LinearInputs`` add what the algorithms consume: GPTQ's H = 2XᵀX/n (fp32) and, on request,
+  the raw inputs themselves.
+- ``InputRecorder`` collects both with forward pre-hooks on a private copy of a block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantlab.algorithms.base import jsonable
+from quantlab.algorithms.gptq import accumulate_hessian
+
+MAX_STAT_ROWS = 8192  # token rows kept per linear for the percentiles; bounds memory on long sets
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Per-input-channel magnitudes of one linear's inputs over the calibration tokens. Shapes (in,)."""
+
+    absmax: torch.Tensor
+    mean_abs: torch.Tensor
+    n_tokens: int
+    p99: torch.Tensor | None = None  # 99th percentile of |x| per channel over a strided sample of tokens
+    p999: torch.Tensor | None = None  # 99.9th percentile; both only when collected with percentiles=True
+
+    def to_dict(self) -> dict:
+        return jsonable({"absmax": self.absmax, "mean_abs": self.mean_abs, "p99": self.p99, "p999": self.p999,
+                         "n_tokens": self.n_tokens})
+
+
+@dataclass(frozen=True)
+class LinearInputs:
+    """What one linear saw: GPTQ's Hessian, channel statistics and (optionally) the inputs."""
+
+    hessian: torch.Tensor  # (in, in) fp32, H = 2XᵀX/n
+    n_tokens: int
+    stats: ActivationStats
+    inputs: list[torch.Tensor] | None  # raw inputs, one tensor per batch (shared by linears fed by one op)
+
+
+class _InputAccumulator:
+    """Running H, absmax, sum |x| and a strided sample of rows for one distinct input."""
+
+    def __init__(self, row_stride: int | None, keep_inputs: bool) -> None:
+        self.row_stride = row_stride  # None: no sample, no percentiles
+        self.H: torch.Tensor | None = None
+        self.n = 0
+        self.absmax: torch.Tensor | None = None
+        self.sum_abs: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] | None = [] if keep_inputs else None
+
+    def add(self, x: torch.Tensor) -> None:
+        X = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
+        if self.H is None:
+            in_features = X.shape[1]
+            self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=X.device)
+            self.absmax = torch.zeros(in_features, dtype=torch.float32, device=X.device)
+            self.sum_abs = torch.zeros(in_features, dtype=torch.float64, device=X.device)
+        n_before = self.n
+        self.H, self.n = accumulate_hessian(X, self.H, self.n)
+        A = X.abs().float()
+        self.absmax = torch.maximum(self.absmax, A.amax(dim=0))
+        self.sum_abs += A.sum(dim=0, dtype=torch.float64)  # fp64: sums of 10^5..10^6 tokens stay exact enough
+        if self.row_stride is not None:
+            offset = (-n_before) % self.row_stride  # continue the global stride across batches
+            self.rows.append(A[offset :: self.row_stride])
+        if self.inputs is not None:
+            self.inputs.append(x.detach())
+
+    def finish(self) -> LinearInputs:
+        p99 = p999 = None
+        if self.rows:
+            p99, p999 = _column_quantiles(torch.cat(self.rows), (0.99, 0.999))  # sample (<= MAX_STAT_ROWS, in)
+        stats = ActivationStats(
+            absmax=self.absmax.cpu(), mean_abs=(self.sum_abs / max(self.n, 1)).float().cpu(), n_tokens=self.n,
+            p99=None if p99 is None else p99.cpu(), p999=None if p999 is None else p999.cpu(),
+        )
+        return LinearInputs(self.H, self.n, stats, self.inputs)
+
+
+def _column_quantiles(rows: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """Per-column high quantiles (the ceil(q*n)-th smallest value) from one top-k of the largest values.
+
+    topk over contiguous rows of the transposed sample is several times faster than kthvalue down
+    the columns, and one call serves every q.
+    """
+    n = rows.shape[0]
+    ks = [min(n, max(1, math.ceil(q * n))) for q in qs]  # 1-based ascending ranks
+    largest = rows.t().contiguous().topk(n - min(ks) + 1, dim=1).values  # (in, m), descending
+    return [largest[:, n - k] for k in ks]
+
+
+class InputRecorder:
+    """Forward pre-hooks on a (private) block's linears that accumulate ``LinearInputs``.
+
+    Linears fed by the very same tensor (q/k/v after one norm, gate/up) share one accumulator, so
+    H is computed once per distinct input, not once per linear.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], total_tokens: int, keep_inputs: bool,
+                 percentiles: bool = False) -> None:
+        self.row_stride = max(1, math.ceil(total_tokens / MAX_STAT_ROWS)) if percentiles else None
+        self.keep_inputs = keep_inputs
+        self.accumulators: dict[str, _InputAccumulator] = {}
+        self.aliases: dict[str, str] = {}  # linear -> the linear whose accumulator it shares
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (tensor, linear) in the current batch
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:
+                self.aliases[name] = seen[1]
+                return
+            self._seen[id(x)] = (x, name)
+            if name not in self.accumulators:
+                self.accumulators[name] = _InputAccumulator(self.row_stride, self.keep_inputs)
+            self.accumulators[name].add(x)
+        return hook
+
+    def next_batch(self) -> None:
+        self._seen.clear()  # drop the references: ids may be reused by the next batch's tensors
+
+    def finish(self) -> dict[str, LinearInputs]:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+        done = {name: acc.finish() for name, acc in self.accumulators.items()}
+        done.update({name: done[source] for name, source in self.aliases.items()})
+        return done

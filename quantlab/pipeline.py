@@ -1,0 +1,177 @@
+"""Quantize a loaded model with a ``QuantConfig``, evaluate it, and run sweeps of configurations.
+
+    >>> loaded = models.load_model()                                          # doctest: +SKIP
+    >>> model_q, result = quantize_model(loaded, parse_config_name("gptq-int4-g128"))  # doctest: +SKIP
+    >>> result.quality["perplexity"], result.bits_per_weight                  # doctest: +SKIP
+
+Every method but ``fp`` goes through the block-sequential runner (:mod:`quantlab.calibration`),
+even data-free RTN, so that every run reports the same per-layer output errors on the same kind
+of inputs. The loaded model is never modified: the result shares its embeddings and head and
+holds new quantized blocks. A ``QuantSession`` keeps what runs on one model share (calibration
+tokens, the held-out text, the full-precision reference for KL or fidelity), so a sweep computes
+them once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantlab.algorithms.base import CalibConfig, QuantConfig, RunResult, parse_config_name
+from quantlab.architectures import find_linears
+from quantlab.calibration import calibration_set, run_blocks
+from quantlab.errors import FormatError
+from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text
+from quantlab.sizing import model_size
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+# The issue's default sweep: full precision, RTN at four widths/granularities, the calibrated
+# methods at INT4 g128, W8A8 with SmoothQuant, and an INT8 KV cache on full-precision weights.
+DEFAULT_SWEEP = (
+    "fp", "int8", "int4-g128", "int4-g64", "int4-per-channel", "int3-g128",
+    "gptq-int4-g128", "awq-int4-g128", "w8a8-smoothquant", "kv-int8",
+)
+SWEEP_EVAL_TOKENS = 16_384  # held-out tokens per configuration in sweeps: keeps the default sweep under a minute
+SWEEP_EVAL_CTX = 256  # the bundled LM's training context; long enough for stable perplexity differences
+# Where each method's block processor lives; awq/smoothquant are imported only when used.
+PROCESSORS = {
+    "rtn": "quantlab.algorithms.rtn",
+    "gptq": "quantlab.algorithms.gptq",
+    "awq": "quantlab.algorithms.awq",
+    "smoothquant": "quantlab.algorithms.smoothquant",
+}
+
+
+@dataclass
+class QuantSession:
+    """What every run on one loaded model shares: calibration tokens, eval text, the FP reference."""
+
+    loaded: object  # models.LoadedModel
+    eval_text: str | None = None  # None: the bundled held-out text
+    eval_config: EvalConfig = field(default_factory=EvalConfig)
+    _calibration: dict = field(default_factory=dict, repr=False)
+    _reference: object = field(default=None, repr=False)
+
+    def calibration_ids(self, calib: CalibConfig) -> torch.Tensor:
+        if calib not in self._calibration:
+            self._calibration[calib] = calibration_set(self.loaded.tokenizer, calib)
+        return self._calibration[calib]
+
+    @property
+    def text(self) -> str:
+        if self.eval_text is None:
+            self.eval_text = load_text("heldout")
+        return self.eval_text
+
+    def reference(self):
+        """The full-precision model's top-k log-probs (causal) or embeddings (encoder), built once."""
+        if self._reference is None:
+            loaded = self.loaded
+            self._reference = build_reference(loaded.model, loaded.tokenizer, loaded.kind, self.text, self.eval_config)
+        return self._reference
+
+    def quality(self, model: nn.Module) -> dict:
+        """Perplexity with KL/top-1 against full precision, or encoder fidelity, as a flat dict."""
+        if self.loaded.tokenizer is None:
+            return {}
+        if model is self.loaded.model and self.loaded.kind == "causal":
+            # The full-precision row: the reference pass already scored it, and it is its own reference.
+            return self.reference().result.to_dict() | {"kl_divergence": 0.0, "top1_agreement": 1.0}
+        result = evaluate(model, self.loaded.tokenizer, self.loaded.kind, self.text, self.eval_config, self.reference())
+        return result.to_dict()
+
+
+def _processor(method: str) -> Callable:
+    try:
+        module = importlib.import_module(PROCESSORS[method])
+    except ModuleNotFoundError as exc:
+        raise FormatError(f"method {method} is not available in this installation ({exc}); use rtn or gptq") from None
+    return module.process_block
+
+
+def _size(model: nn.Module, config: QuantConfig) -> tuple[float, int]:
+    """Bits per quantized weight and total bytes, as the model would be stored."""
+    if config.weight_format is not None:
+        size = model_size(model, config.weight_format)
+        return size.bits_per_weight, size.total_bytes
+    linears = find_linears(model)
+    dtype_bits = 8 * model.get_submodule(linears[0].name).weight.element_size() if linears else 32
+    unique = {id(p): p for p in model.parameters()}.values()  # tied weights count once
+    return float(dtype_bits), sum(p.numel() * p.element_size() for p in unique)
+
+
+def _apply_kv(model: nn.Module, config: QuantConfig) -> nn.Module:
+    if config.kv is None:
+        return model
+    from quantlab.kvcache import kv_quantized_view
+
+    return kv_quantized_view(model, config.kv)  # new module objects, shared weights
+
+
+def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None, eval_text: str | None = None,
+                   max_eval_tokens: int | None = None, *, session: QuantSession | None = None,
+                   evaluate_quality: bool = True) -> tuple[nn.Module, RunResult]:
+    """Quantize ``loaded.model`` (never modified) per ``config``; evaluate unless told not to.
+
+    ``max_eval_tokens`` caps the evaluation text; ``session`` shares calibration tokens and the
+    full-precision reference between calls (``eval_text``/``max_eval_tokens`` are then the session's).
+    """
+    session = session or QuantSession(loaded, eval_text, EvalConfig(max_tokens=max_eval_tokens))
+    report = progress or (lambda fraction, message: None)
+    start = time.perf_counter()
+    model, layers, searches = loaded.model, (), {}
+    if config.method != "fp":
+        report(0.0, f"{config.name}: calibration set")
+        calib_ids = session.calibration_ids(config.calib)
+        run = run_blocks(loaded.model, calib_ids, _processor(config.method), config,
+                         progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}"))
+        model, layers, searches = run.model, tuple(run.layers), run.searches
+    model = _apply_kv(model, config)
+    seconds = time.perf_counter() - start
+    bits, total_bytes = _size(loaded.model, config)
+    quality = {}
+    if evaluate_quality:
+        report(0.8, f"{config.name}: evaluating")
+        quality = session.quality(model)
+    report(1.0, f"{config.name}: done")
+    log.info("%s: %.1f s, %.2f bits/weight, quality %s", config.name, seconds, bits,
+             {k: v for k, v in quality.items() if isinstance(v, float)})
+    return model, RunResult(config, layers, bits, total_bytes, seconds, quality, searches)
+
+
+def sweep_configs(names: Sequence[str] | None = None, calib: CalibConfig | None = None) -> list[QuantConfig]:
+    """Configurations from short names (default: ``DEFAULT_SWEEP``), all on the same calibration set."""
+    overrides = {"calib": calib} if calib is not None else {}
+    return [parse_config_name(name, **overrides) for name in (names or DEFAULT_SWEEP)]
+
+
+def run_sweep(loaded, configs: Sequence[QuantConfig] | None = None, progress: Progress | None = None,
+              eval_text: str | None = None, max_eval_tokens: int | None = SWEEP_EVAL_TOKENS,
+              ctx: int | None = None) -> list[RunResult]:
+    """Run every configuration on ``loaded`` with shared calibration tokens and FP reference.
+
+    Evaluation is capped at ``max_eval_tokens`` held-out tokens in windows of ``ctx`` tokens
+    (default: ``SWEEP_EVAL_CTX`` or the model's context, whichever is shorter).
+    """
+    configs = list(configs) if configs is not None else sweep_configs()
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or SWEEP_EVAL_CTX
+    eval_config = EvalConfig(ctx=ctx or min(SWEEP_EVAL_CTX, context), max_tokens=max_eval_tokens)
+    session = QuantSession(loaded, eval_text, eval_config)
+    report = progress or (lambda fraction, message: None)
+    results = []
+    for index, config in enumerate(configs):
+        def step(fraction: float, message: str, index=index) -> None:
+            report((index + fraction) / len(configs), f"[{index + 1}/{len(configs)}] {message}")
+
+        _, result = quantize_model(loaded, config, step, session=session)
+        results.append(result)
+    return results

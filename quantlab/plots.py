@@ -1,0 +1,146 @@
+"""Plotly figures of ``quantlab.analysis`` results. No Streamlit here: the pages only display them.
+
+Each function takes the DataFrame or array an analysis function returns and gives back a
+``plotly.graph_objects.Figure`` with labelled axes, so the same figure serves the app and reports.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from quantlab.analysis import VectorQuantization
+
+PALETTE = ("#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c940d")
+MAX_LEVEL_LINES = 64  # above this many grid levels (INT8, FP8) draw ticks, not lines: they would fill the plot
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 360) -> go.Figure:
+    fig.update_layout(
+        title=title, xaxis_title=x, yaxis_title=y, height=height, template="plotly_white",
+        margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.2),
+    )
+    return fig
+
+
+def _vertical_lines(xs: Sequence[float], y_top: float) -> tuple[list, list]:
+    """One scatter trace's coordinates for many vertical segments (None breaks the line)."""
+    px, py = [], []
+    for x in xs:
+        px += [x, x, None]
+        py += [0, y_top, None]
+    return px, py
+
+
+def vector_figure(vq: VectorQuantization) -> go.Figure:
+    """Each value and where it lands on the grid; clipped values in red, grid levels as lines."""
+    table = vq.table
+    fig = go.Figure()
+    lo, hi = float(min(table["value"].min(), vq.levels.min())), float(max(table["value"].max(), vq.levels.max()))
+    levels = vq.levels if len(vq.levels) <= MAX_LEVEL_LINES else vq.levels[(vq.levels >= lo) & (vq.levels <= hi)]
+    for level in levels[:: max(1, len(levels) // MAX_LEVEL_LINES)]:
+        fig.add_hline(y=float(level), line=dict(color="#ced4da", width=1))
+    index = np.arange(len(table))
+    fig.add_trace(go.Scatter(x=index, y=table["value"], mode="markers", name="original x",
+                             marker=dict(size=11, color=PALETTE[0])))
+    fig.add_trace(go.Scatter(x=index, y=table["dequantized"], mode="markers", name="dequantized x̂",
+                             marker=dict(size=11, symbol="x", color=PALETTE[1])))
+    clipped = table[table["clipped"]]
+    if len(clipped):
+        fig.add_trace(go.Scatter(x=clipped.index, y=clipped["value"], mode="markers", name="clipped",
+                                 marker=dict(size=18, symbol="circle-open", color=PALETTE[4], line=dict(width=2))))
+    return _layout(fig, "Values and the grid of the first group (grey lines)", "value index", "value")
+
+
+def histogram_figure(hist: pd.DataFrame, title: str, x_title: str, levels: np.ndarray | None = None,
+                     log_y: bool = False) -> go.Figure:
+    """A histogram (from ``analysis.histogram``) with optional quantization levels overlaid."""
+    fig = go.Figure(go.Bar(x=hist["center"], y=hist["count"], width=(hist["right"] - hist["left"]),
+                           name="count", marker_color=PALETTE[0], opacity=0.85))
+    if levels is not None and len(levels):
+        top = float(hist["count"].max() or 1)
+        px, py = _vertical_lines([float(v) for v in levels], top)
+        fig.add_trace(go.Scatter(x=px, y=py, mode="lines", name=f"grid levels ({len(levels)})",
+                                 line=dict(color=PALETTE[1], width=1)))
+    fig.update_yaxes(type="log" if log_y else "linear")
+    return _layout(fig, title, x_title, "count")
+
+
+def overlaid_histograms_figure(hists: dict[str, pd.DataFrame], title: str, x_title: str) -> go.Figure:
+    """Several histograms on one axis as outlines (e.g. the error of two formats)."""
+    fig = go.Figure()
+    for i, (name, hist) in enumerate(hists.items()):
+        fig.add_trace(go.Scatter(x=hist["center"], y=hist["count"], mode="lines", name=name,
+                                 line=dict(shape="hvh", color=PALETTE[i % len(PALETTE)], width=2)))
+    return _layout(fig, title, x_title, "count")
+
+
+def clipping_figure(sweep: pd.DataFrame, best: pd.Series) -> go.Figure:
+    """MSE against clip ratio, split into rounding and clipping, with the minimum marked."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for column, name, color in (("mse", "total MSE", PALETTE[0]), ("rounding_mse", "rounding part", PALETTE[2]),
+                                ("clipping_mse", "clipping part", PALETTE[4])):
+        fig.add_trace(go.Scatter(x=sweep["clip_ratio"], y=sweep[column], name=name, mode="lines",
+                                 line=dict(color=color, width=3 if column == "mse" else 2)), secondary_y=False)
+    fig.add_trace(go.Scatter(x=sweep["clip_ratio"], y=sweep["clipped_fraction"] * 100, name="% clipped",
+                             mode="lines", line=dict(color="#868e96", dash="dot")), secondary_y=True)
+    fig.add_trace(go.Scatter(x=[best["clip_ratio"]], y=[best["mse"]], mode="markers+text", name="minimum",
+                             text=[f"min at {best['clip_ratio']:.2f}"], textposition="top center",
+                             marker=dict(size=14, color=PALETTE[1], symbol="star")), secondary_y=False)
+    fig.update_yaxes(title_text="% of values clipped", secondary_y=True)
+    return _layout(fig, "Error against clipping ratio (1.0 = min-max, no clipping)", "clip ratio", "mean squared error")
+
+
+def error_split_figure(table: pd.DataFrame, label_column: str) -> go.Figure:
+    """Stacked bars: each row's MSE as its rounding part plus its clipping part."""
+    fig = go.Figure([
+        go.Bar(x=table[label_column], y=table["rounding_mse"], name="rounding", marker_color=PALETTE[2]),
+        go.Bar(x=table[label_column], y=table["clipping_mse"], name="clipping", marker_color=PALETTE[4]),
+    ])
+    fig.update_layout(barmode="stack")
+    return _layout(fig, "Where the error comes from", label_column.replace("_", " "), "mean squared error")
+
+
+def bar_figure(table: pd.DataFrame, x: str, y: str, title: str, color: str | None = None,
+               y_title: str | None = None) -> go.Figure:
+    """A plain or grouped bar chart of one column against another."""
+    fig = go.Figure()
+    groups = [(None, table)] if color is None else list(table.groupby(color, sort=False))
+    for i, (name, part) in enumerate(groups):
+        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name) if name is not None else y,
+                             marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(barmode="group", showlegend=color is not None)
+    return _layout(fig, title, x.replace("_", " "), y_title or y.replace("_", " "))
+
+
+def heatmap_figure(z: np.ndarray, labels: Sequence[str], title: str, x_title: str, log_color: bool = True) -> go.Figure:
+    """Layers (rows) by channels (columns); a log colour scale keeps both outliers and the bulk readable."""
+    values = np.log10(np.maximum(z, 1e-12)) if log_color else z
+    fig = go.Figure(go.Heatmap(
+        z=values, y=[short_name(name) for name in labels], colorscale="Viridis", customdata=z,
+        hovertemplate="%{y}<br>channel %{x}<br>value %{customdata:.4g}<extra></extra>",
+        colorbar=dict(title="log10" if log_color else "value"),
+    ))
+    return _layout(fig, title, x_title, "", height=max(300, 22 * len(labels) + 120))
+
+
+def short_name(name: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``3.mlp.down_proj``: block index and local name."""
+    parts = name.removesuffix(".weight").split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[digits[0]:]) if digits else name
+
+
+def channel_figure(table: pd.DataFrame, column: str, title: str, marks: dict[str, str] | None = None) -> go.Figure:
+    """One layer's channels as bars; boolean columns in ``marks`` (column -> legend label) get symbols on top."""
+    fig = go.Figure(go.Bar(x=table["channel"], y=table[column], name=column.replace("_", " "),
+                           marker_color=PALETTE[0]))
+    for i, (flag, label) in enumerate((marks or {}).items()):
+        chosen = table[table[flag]]
+        fig.add_trace(go.Scatter(x=chosen["channel"], y=chosen[column] * (1.06 + 0.08 * i), mode="markers",
+                                 name=label, marker=dict(size=10, symbol="triangle-down", color=PALETTE[1 + i])))
+    return _layout(fig, title, "channel", column.replace("_", " "))

@@ -1,0 +1,266 @@
+"""Weights files, read safely: safetensors headers checked before use, pickles only as plain tensors.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header that maps each tensor
+name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data that
+follows the header), then the raw bytes. ``read_header`` checks every promise the header makes
+(length, JSON, known dtype, offsets inside the file, no overlap, ``numel * itemsize == end - begin``)
+so that a truncated download or a corrupt file is reported by name, without reading the data.
+
+``.bin`` / ``.pt`` files are pickles; they are only ever opened with ``torch.load(weights_only=True)``
+and must hold a flat ``{name: tensor}`` dict, so a file that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from quantlab.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype code -> torch dtype. Anything else (e.g. F4, custom codes) is refused by name.
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit: a larger "header" is garbage
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: one spelling for every source (files, loaded models)."""
+    return str(dtype).removeprefix("torch.")
+
+
+FLOAT_DTYPE_NAMES = tuple(dtype_name(d) for d in FLOAT_DTYPES)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor: what ``inspect`` lists."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch spelling without the prefix, e.g. "bfloat16"
+    bytes: int  # bytes it occupies in the file (or in memory for a loaded model)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class TensorListing:
+    """Every tensor of a model or weights file set, with totals."""
+
+    tensors: tuple[TensorInfo, ...]
+    total_params: int
+    total_bytes: int
+
+    @classmethod
+    def of(cls, tensors) -> TensorListing:
+        tensors = tuple(tensors)
+        return cls(tensors, sum(t.numel for t in tensors), sum(t.bytes for t in tensors))
+
+    def to_dict(self) -> dict:
+        """The ``quantlab inspect --json`` document."""
+        return {
+            "tensors": [t.to_dict() for t in self.tensors],
+            "total_params": self.total_params,
+            "total_bytes": self.total_bytes,
+        }
+
+
+def _corrupt(path: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(f"{path.name} is not a valid safetensors file: {what}; download or save it again")
+
+
+def read_header(path: Path) -> list[TensorInfo]:
+    """The tensors a safetensors file declares, after checking the header against the file's size."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path, f"it has {size} bytes, fewer than the 8-byte header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise _corrupt(path, f"the header claims {header_len} bytes but only {size - 8} follow (truncated?)")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _corrupt(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    data_len = size - 8 - header_len
+    entries = [(name, entry) for name, entry in header.items() if name != "__metadata__"]
+    infos, spans = [], []
+    for name, entry in entries:
+        info, span = _check_entry(path, name, entry, data_len)
+        infos.append(info)
+        spans.append((span, name))
+    _check_no_overlap(path, spans)
+    return infos
+
+
+def _check_entry(path: Path, name: str, entry, data_len: int) -> tuple[TensorInfo, tuple[int, int]]:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _corrupt(path, f"tensor {name!r} lacks dtype, shape or data_offsets")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if code not in SAFETENSORS_DTYPES:
+        raise ModelLoadError(
+            f"{path.name}: tensor {name!r} has dtype {code!r}, which QuantLab cannot read; "
+            f"supported: {', '.join(SAFETENSORS_DTYPES)}"
+        )
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise _corrupt(path, f"tensor {name!r} spans bytes {begin}..{end} of a {data_len}-byte data section (truncated?)")
+    dtype = SAFETENSORS_DTYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise _corrupt(path, f"tensor {name!r} of shape {shape} {code} needs {expected} bytes but spans {end - begin}")
+    return TensorInfo(name, tuple(shape), dtype_name(dtype), end - begin), (begin, end)
+
+
+def _check_no_overlap(path: Path, spans: list[tuple[tuple[int, int], str]]) -> None:
+    ordered = sorted(spans)
+    for (first, first_name), (second, second_name) in zip(ordered, ordered[1:]):
+        if second[0] < first[1]:
+            raise _corrupt(path, f"tensors {first_name!r} and {second_name!r} overlap")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weights files behind a path: one file, the shards of an index, or a folder's weights.
+
+    A folder's safetensors win over its pickles (they hold the same weights, and are safe to read).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _folder_files(path)
+    if not path.is_file():
+        raise ModelLoadError(f"no such file or folder: {path}")
+    if path.name.endswith(".index.json"):
+        return _index_shards(path)
+    if path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        return [path]
+    raise ModelLoadError(
+        f"{path.name}: not a weights file; give a .safetensors file, a *.safetensors.index.json, "
+        "a .bin/.pt file, a model folder or a hub id"
+    )
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin", "*.pt", "*.pth"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return _index_shards(found[0]) if pattern.endswith(".index.json") else found
+    raise ModelLoadError(f"{folder} holds no weights files (.safetensors, .bin, .pt); pick the model's folder")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ModelLoadError(f"{index.name} is not a valid shard index (no weight_map); save it again") from None
+    shards = [index.parent / name for name in names]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise ModelLoadError(f"{index.name} lists shards that are missing: {', '.join(missing)}; download them too")
+    return shards
+
+
+def load_pickled(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin``/``.pt`` state dict, through ``torch.load(weights_only=True)`` only."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"refused to load {path.name}: it holds Python objects or code, not just tensors "
+            f"({str(exc).splitlines()[0][:120]}); convert it to safetensors from a trusted environment"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path.name} is not a readable PyTorch weights file ({exc}); save it again") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ModelLoadError(f"refused {path.name}: it is not a flat {{name: tensor}} weights dict")
+    return state
+
+
+def list_files(paths: list[Path]) -> TensorListing:
+    """Every tensor in ``paths``; safetensors are read from their headers alone."""
+    infos = []
+    for path in paths:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            infos += read_header(path)
+        else:
+            infos += [tensor_info(name, t) for name, t in load_pickled(path).items()]
+    return TensorListing.of(sorted(infos, key=lambda info: natural_key(info.name)))
+
+
+def natural_key(name: str) -> list:
+    """Sort ``layers.2`` before ``layers.10``: numbers compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def load_files(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor in ``paths`` as CPU tensors; headers are checked before any data is read."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            read_header(path)
+            try:
+                tensors.update(load_file(path))
+            except SafetensorError as exc:
+                raise _corrupt(path, str(exc)) from None
+        else:
+            tensors.update(load_pickled(path))
+    return tensors
+
+
+def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
+    return TensorInfo(name, tuple(tensor.shape), dtype_name(tensor.dtype), tensor.numel() * tensor.element_size())
+
+
+def skip_reason(tensor: torch.Tensor) -> str | None:
+    """Why a tensor is not a quantizable matrix, or None when it is one."""
+    if tensor.dim() != 2:
+        return f"{tensor.dim()}-D, not a matrix"
+    if tensor.dtype not in FLOAT_DTYPES:
+        return f"{dtype_name(tensor.dtype)} is not a float dtype (already quantized?)"
+    if tensor.numel() == 0:
+        return "empty"
+    return None
+
+
+def matrix_tensors(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The 2-D float tensors, in order: the ones a bare weights file offers for quantization."""
+    return [(name, t) for name, t in tensors.items() if skip_reason(t) is None]
+
+
+def skipped_tensors(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """``(name, reason)`` for every tensor ``matrix_tensors`` leaves out."""
+    return [(name, reason) for name, t in tensors.items() if (reason := skip_reason(t)) is not None]

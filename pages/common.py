@@ -20,9 +20,12 @@ import pandas as pd
 import streamlit as st
 
 from quantlab import analysis, models
+from quantlab.algorithms.base import CalibConfig, RunResult, parse_config_name
 from quantlab.device import available_devices
 from quantlab.errors import QuantLabError
+from quantlab.evaluation import EvalConfig
 from quantlab.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
+from quantlab.pipeline import SWEEP_EVAL_CTX, QuantSession, quantize_model
 
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
 BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
@@ -220,6 +223,59 @@ def current_format() -> QuantFormat:
         st.warning("The format chosen in the sidebar is not valid; see the message there.")
         st.stop()
     return fmt
+
+
+# --- run settings ------------------------------------------------------------------------------
+EVAL_TOKEN_CHOICES = (512, 1024, 2048, 4096, 8192, 16384)
+CALIB_LEN_CHOICES = (64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How much text a run calibrates and evaluates on: small by default so that results come fast."""
+
+    calib_samples: int = 8
+    calib_len: int = 128
+    eval_tokens: int = 4096
+
+    @property
+    def calib(self) -> CalibConfig:
+        return CalibConfig(n_samples=self.calib_samples, seq_len=self.calib_len)
+
+
+def run_settings(key: str) -> RunSettings:
+    """An expander with the calibration and evaluation sizes; defaults suit the bundled models."""
+    default = RunSettings()
+    with st.expander("Run settings: calibration and evaluation sizes"):
+        explain("calibration")
+        left, mid, right = st.columns(3)
+        samples = left.number_input("Calibration sequences", 1, 512, default.calib_samples, key=f"{key}_cs")
+        length = mid.select_slider("Tokens per sequence", CALIB_LEN_CHOICES, default.calib_len, key=f"{key}_cl")
+        tokens = right.select_slider("Evaluation tokens", EVAL_TOKEN_CHOICES, default.eval_tokens, key=f"{key}_et",
+                                     help="Held-out tokens for perplexity and KL (causal LMs). More is steadier, "
+                                          "slower.")
+    return RunSettings(int(samples), int(length), int(tokens))
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def quality_session(model_key: str, eval_tokens: int, _loaded: models.LoadedModel) -> QuantSession:
+    """The evaluation text and full-precision reference for one model, shared by every run on it."""
+    context = getattr(_loaded.model.config, "max_position_embeddings", None) or SWEEP_EVAL_CTX
+    return QuantSession(_loaded, None, EvalConfig(ctx=min(SWEEP_EVAL_CTX, context), max_tokens=eval_tokens))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cached_run(model_key: str, config_name: str, settings: RunSettings, _loaded, _progress=None) -> RunResult:
+    """One configuration's results (the quantized model itself is dropped: see ``cached_quantized``)."""
+    return cached_quantized.__wrapped__(model_key, config_name, settings, _loaded, _progress)[1]
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def cached_quantized(model_key: str, config_name: str, settings: RunSettings, _loaded, _progress=None) -> tuple:
+    """(quantized model, RunResult): kept for generation on the Compare page, shared read-only."""
+    config = parse_config_name(config_name, calib=settings.calib)
+    session = quality_session(model_key, settings.eval_tokens, _loaded)
+    return quantize_model(_loaded, config, _progress, session=session)
 
 
 # --- progress ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from quantlab.architectures import find_linears
 from quantlab.calibration import calibration_set, run_blocks
 from quantlab.errors import FormatError
 from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text
+from quantlab.primitives import check_format_fits
 from quantlab.sizing import model_size
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,17 @@ def _apply_kv(model: nn.Module, config: QuantConfig) -> nn.Module:
     return kv_quantized_view(model, config.kv)  # new module objects, shared weights
 
 
+def check_config_fits(model: nn.Module, config: QuantConfig) -> None:
+    """Fail before any work when the weight format cannot quantize one of the model's linears."""
+    if config.weight_format is None:
+        return
+    for info in find_linears(model):
+        try:
+            check_format_fits((info.out_features, info.in_features), config.weight_format)
+        except FormatError as exc:
+            raise FormatError(f"{config.name}: {info.name} ({info.out_features}x{info.in_features}): {exc}") from None
+
+
 def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None, eval_text: str | None = None,
                    max_eval_tokens: int | None = None, *, session: QuantSession | None = None,
                    evaluate_quality: bool = True) -> tuple[nn.Module, RunResult]:
@@ -125,6 +137,7 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     ``max_eval_tokens`` caps the evaluation text; ``session`` shares calibration tokens and the
     full-precision reference between calls (``eval_text``/``max_eval_tokens`` are then the session's).
     """
+    check_config_fits(loaded.model, config)
     session = session or QuantSession(loaded, eval_text, EvalConfig(max_tokens=max_eval_tokens))
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()

@@ -3,15 +3,16 @@
 import streamlit as st
 
 from pages.common import current_format, current_matrices, download_table, explain, matrix_picker, model_choice, user_errors
-from quantlab import analysis, plots
+from quantlab import plots
 from quantlab.primitives import to_blocks
+from quantlab.analysis import tensors
 
 
 @st.cache_data(show_spinner="Sweeping clip ratios…", max_entries=64)
 def _clipping(key: str, layer: str, fmt_repr: str, block: tuple | None, _W, _fmt) -> tuple:
-    values = _W if block is None else analysis.block_values(_W, _fmt, *block)
-    fmt = _fmt if block is None else analysis.single_block_format(_fmt, values.numel())
-    return analysis.clipping_sweep(values, fmt), analysis.range_method_table(values, fmt)
+    values = _W if block is None else tensors.block_values(_W, _fmt, *block)
+    fmt = _fmt if block is None else tensors.single_block_format(_fmt, values.numel())
+    return tensors.clipping_sweep(values, fmt), tensors.range_method_table(values, fmt)
 
 
 st.title("Clipping")
@@ -35,7 +36,7 @@ if scope == "one block":
 with user_errors():
     sweep, methods = _clipping(model_choice().key, layer.name, repr(fmt), block, layer.weight, fmt)
 
-best = analysis.best_ratio(sweep)
+best = tensors.best_ratio(sweep)
 cols = st.columns(3)
 cols[0].metric("Best clip ratio", f"{best['clip_ratio']:.2f}")
 cols[1].metric("Error at best vs min-max", f"{best['mse'] / sweep['mse'].iloc[-1]:.1%}")

@@ -19,13 +19,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from quantlab import analysis, models
+from quantlab import models
 from quantlab.algorithms.base import CalibConfig, RunResult, parse_config_name
 from quantlab.device import available_devices
 from quantlab.errors import QuantLabError
 from quantlab.evaluation import EvalConfig
 from quantlab.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
 from quantlab.pipeline import SWEEP_EVAL_CTX, QuantSession, quantize_model
+from quantlab.analysis import tensors
 
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
 BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
@@ -68,6 +69,18 @@ def save_upload(data: bytes, suffix: str = ".safetensors") -> Path:
     if not path.exists():
         path.write_bytes(data)
     return path
+
+
+def export_zip(model, tokenizer, name: str) -> bytes:
+    """Export a quantized model into the session folder, zip it, and return the zip's bytes."""
+    from quantlab.export import export_compressed
+
+    digest = hashlib.sha256(f"{name}-{id(model)}".encode()).hexdigest()[:12]
+    folder = session_folder() / f"export-{digest}"
+    if not folder.exists():
+        export_compressed(model, folder, tokenizer)
+    archive = shutil.make_archive(str(folder), "zip", folder)
+    return Path(archive).read_bytes()
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -131,19 +144,19 @@ def require_model(what: str) -> models.LoadedModel:
     return loaded
 
 
-def current_matrices() -> list[analysis.NamedMatrix]:
+def current_matrices() -> list[tensors.NamedMatrix]:
     """The quantizable weight matrices of the chosen model or weights file, (out, in) each."""
     choice = model_choice()
     if choice is None:
         st.stop()
     with user_errors():
         if choice.weights_path is not None:
-            return analysis.file_matrices(cached_file_tensors(choice.weights_path))
-        return analysis.model_matrices(current_model().model)
+            return tensors.file_matrices(cached_file_tensors(choice.weights_path))
+        return tensors.model_matrices(current_model().model)
 
 
-def matrix_picker(matrices: list[analysis.NamedMatrix], label: str = "Layer", key: str = "layer",
-                  default_role: str = "down") -> analysis.NamedMatrix:
+def matrix_picker(matrices: list[tensors.NamedMatrix], label: str = "Layer", key: str = "layer",
+                  default_role: str = "down") -> tensors.NamedMatrix:
     names = [m.name for m in matrices]
     default = next((i for i, m in enumerate(matrices) if m.role == default_role), 0)
     name = st.selectbox(label, names, index=default, key=key,
@@ -264,18 +277,22 @@ def quality_session(model_key: str, eval_tokens: int, _loaded: models.LoadedMode
     return QuantSession(_loaded, None, EvalConfig(ctx=min(SWEEP_EVAL_CTX, context), max_tokens=eval_tokens))
 
 
+def _quantize(model_key: str, config_name: str, settings: RunSettings, loaded, progress) -> tuple:
+    config = parse_config_name(config_name, calib=settings.calib)
+    session = quality_session(model_key, settings.eval_tokens, loaded)
+    return quantize_model(loaded, config, progress, session=session)
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def cached_run(model_key: str, config_name: str, settings: RunSettings, _loaded, _progress=None) -> RunResult:
-    """One configuration's results (the quantized model itself is dropped: see ``cached_quantized``)."""
-    return cached_quantized.__wrapped__(model_key, config_name, settings, _loaded, _progress)[1]
+    """One configuration's results; the quantized model is dropped (results are small, models are not)."""
+    return _quantize(model_key, config_name, settings, _loaded, _progress)[1]
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def cached_quantized(model_key: str, config_name: str, settings: RunSettings, _loaded, _progress=None) -> tuple:
-    """(quantized model, RunResult): kept for generation on the Compare page, shared read-only."""
-    config = parse_config_name(config_name, calib=settings.calib)
-    session = quality_session(model_key, settings.eval_tokens, _loaded)
-    return quantize_model(_loaded, config, _progress, session=session)
+    """(quantized model, RunResult), kept for generation on the Compare page and shared read-only."""
+    return _quantize(model_key, config_name, settings, _loaded, _progress)
 
 
 # --- progress ----------------------------------------------------------------------------------

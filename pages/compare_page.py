@@ -1,6 +1,94 @@
-"""compare page (in progress)."""
+"""Compare: two or three configurations side by side: size, quality, KL, per-layer error, generations."""
 
 import streamlit as st
 
-st.title("compare")
-st.info("This page is being built.")
+from pages.common import (
+    cached_quantized, cached_run, download_json, download_table, export_zip, model_choice, progress_callback,
+    require_model, run_settings, user_errors,
+)
+from quantlab import plots, records
+from quantlab.analysis import runs as run_tables
+from quantlab.pipeline import DEFAULT_SWEEP
+
+DEFAULT_CONFIGS = ["int8", "int4-g128", "int4-g64"]
+PROMPTS = {"causal": "def read_config(path):\n", "encoder": ""}
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _generate(key: str, config_name: str, settings, prompt: str, n_tokens: int, _model, _tokenizer) -> str:
+    return run_tables.generate_text(_model, _tokenizer, prompt, n_tokens)
+
+
+st.title("Compare")
+st.write("Up to three configurations of the same model, side by side, against full precision.")
+loaded = require_model("Comparing configurations")
+names = st.multiselect("Configurations", sorted({*DEFAULT_SWEEP, *DEFAULT_CONFIGS} - {"fp"}), default=DEFAULT_CONFIGS,
+                       max_selections=3, accept_new_options=True, key="c_configs",
+                       help="Type any name the CLI takes, e.g. gptq-int4-g64, awq-int3-g128, int4-g32-asym.")
+settings = run_settings("c")
+key = model_choice().key
+if st.button("Compare", type="primary", key="c_run", disabled=not names):
+    st.session_state["c_names"] = (key, tuple(names), settings)
+if st.session_state.get("c_names", (None,))[0] != key:
+    st.info("Pick configurations and press Compare.")
+    st.stop()
+
+_, names, settings = st.session_state["c_names"]
+bar = progress_callback()
+quantized = {}
+with user_errors():
+    baseline = cached_run(key, "fp", settings, loaded)
+    for index, name in enumerate(names):
+        def step(fraction, message, index=index):
+            bar((index + fraction) / len(names), f"[{index + 1}/{len(names)}] {message}")
+
+        quantized[name] = cached_quantized(key, name, settings, loaded, step)
+bar(1.0, "done")
+results = [baseline, *(result for _, result in quantized.values())]
+table = run_tables.runs_table(results)
+metric = run_tables.quality_metric(results)
+
+columns = st.columns(len(results))
+for column, row in zip(columns, table.itertuples()):
+    column.markdown(f"**{row.config}**")
+    column.metric("Size", f"{row.size_mib:.2f} MiB", f"{row.bits_per_weight:.3f} bits/weight", delta_color="off")
+    value = getattr(row, metric)
+    delta = value - table[metric].iloc[0]
+    column.metric(metric.capitalize(), f"{value:.4g}", f"{delta:+.4g}" if row.Index else None,
+                  delta_color="inverse" if run_tables.lower_is_better(metric) else "normal")
+    if row.kl_divergence is not None and row.kl_divergence == row.kl_divergence:
+        column.metric("KL divergence", f"{row.kl_divergence:.4f}")
+st.dataframe(table, hide_index=True, width="stretch")
+download_table(table, "compare_summary")
+record = records.build_record(results, loaded, kind="sweep")
+download_json(record.to_dict(), "compare_record", "Download the run record (JSON)")
+
+st.subheader("Per-layer output error")
+st.caption("Relative output error ||XWᵀ − XŴᵀ||² / ||XWᵀ||² of each linear on the calibration tokens.")
+errors = run_tables.layer_errors(results)
+st.plotly_chart(plots.bar_figure(errors.assign(layer=[plots.short_name(n) for n in errors["layer"]]), "layer",
+                                 "output_error", "Output error per layer", color="config"), key="c_layers")
+download_table(errors, "compare_layer_errors")
+
+if loaded.kind == "causal" and loaded.tokenizer is not None:
+    st.subheader("Generations from the same prompt")
+    prompt = st.text_area("Prompt", PROMPTS["causal"], key="c_prompt")
+    n_tokens = st.slider("New tokens", 8, 128, 48, key="c_tokens")
+    models_by_name = {"fp": loaded.model, **{name: model for name, (model, _) in quantized.items()}}
+    for column, (name, model) in zip(st.columns(len(models_by_name)), models_by_name.items()):
+        with user_errors():
+            text = _generate(key, name, settings, prompt, n_tokens, model, loaded.tokenizer)
+        column.markdown(f"**{name}** (greedy)")
+        column.code(prompt + text, language="python" if loaded.name.startswith("pystdlib") else None)
+
+st.subheader("Export")
+st.caption("A compressed-tensors pack-quantized checkpoint (the format vLLM and transformers load) of one "
+           "weight-only configuration, zipped.")
+export_name = st.selectbox("Configuration to export", names, key="c_export")
+if st.button("Prepare the export", key="c_export_run"):
+    with user_errors(), st.spinner("Packing…"):
+        st.session_state["c_zip"] = (export_name, export_zip(quantized[export_name][0], loaded.tokenizer, export_name))
+if "c_zip" in st.session_state and st.session_state["c_zip"][0] in quantized:
+    name, data = st.session_state["c_zip"]
+    st.download_button(f"Download {name} ({len(data) / 2**20:.1f} MiB zip)", data, f"quantlab-{name}.zip",
+                       "application/zip", key="c_export_download")

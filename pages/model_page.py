@@ -3,15 +3,16 @@
 import streamlit as st
 
 from pages.common import current_format, current_model, download_table, explain, model_choice, user_errors
-from quantlab import analysis, models, plots
+from quantlab import models, plots
+from quantlab.analysis import sizes
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _tables(key: str, fmt_repr: str, _source, _fmt) -> tuple:
     listing = models.inspect_tensors(_source)
     size = models.model_size(_source, _fmt)
-    formats = analysis.format_sizes(_source, analysis.size_variants(variants=((True, _fmt.scale_dtype),)))
-    return listing.total_params, listing.total_bytes, analysis.layer_table(listing, size), formats
+    formats = sizes.format_sizes(_source, sizes.size_variants(variants=((True, _fmt.scale_dtype),)))
+    return listing.total_params, listing.total_bytes, sizes.layer_table(listing, size), formats
 
 
 st.title("Model")
@@ -26,7 +27,7 @@ with user_errors():
     params, fp_bytes, layers, formats = _tables(choice.key, repr(fmt), source, fmt)
 
 if loaded is not None:
-    summary = analysis.model_summary(loaded.model, loaded.kind)
+    summary = sizes.model_summary(loaded.model, loaded.kind)
     st.subheader(f"{loaded.name}: {summary['class']}")
     cols = st.columns(5)
     cols[0].metric("Parameters", f"{summary['parameters'] / 1e6:.2f} M")

@@ -4,8 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import GLOSSARY, download_table, explain, user_errors
-from quantlab import analysis, plots
+from quantlab import plots
 from quantlab.formats import Granularity, QuantFormat
+from quantlab.analysis import tensors
 
 DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
 
@@ -29,19 +30,19 @@ with source:
     mode = st.radio("Values", ("edit a vector", "draw from a distribution"), horizontal=True, key="pg_mode")
     if mode == "draw from a distribution":
         left, mid, right = st.columns(3)
-        kind = left.selectbox("Distribution", analysis.DISTRIBUTIONS, index=1, key="pg_dist",
+        kind = left.selectbox("Distribution", tensors.DISTRIBUTIONS, index=1, key="pg_dist",
                               help="Trained weights look roughly Laplace: a sharp peak and heavy tails.")
         n = mid.number_input("How many", 4, 512, 64, step=4, key="pg_n")
         seed = right.number_input("Seed", 0, 10_000, 0, key="pg_seed")
         if st.button("Draw", key="pg_draw"):
-            _replace_values(analysis.sample_distribution(kind, int(n), int(seed), spread=0.5).tolist())
+            _replace_values(tensors.sample_distribution(kind, int(n), int(seed), spread=0.5).tolist())
     edited = st.data_editor(pd.DataFrame({"value": state["pg_values"]}), num_rows="dynamic", height=240,
                             key=f"pg_editor_{state['pg_version']}", width="stretch")
     values = [float(v) for v in edited["value"].dropna()]
     add, reset = st.columns(2)
     if add.button("Add an outlier (10 x the largest value)", key="pg_outlier", width="stretch"):
         with user_errors():
-            _replace_values(analysis.with_outlier(values))
+            _replace_values(tensors.with_outlier(values))
         st.rerun()
     if reset.button("Reset to the example", key="pg_reset", width="stretch"):
         _replace_values(DEFAULT_VALUES)
@@ -51,7 +52,7 @@ with controls:
     bits = st.slider("Bits", 2, 8, 4, key="pg_bits")
     symmetric = st.radio("Grid", ("symmetric", "asymmetric"), horizontal=True, key="pg_sym") == "symmetric"
     explain("zero-point")
-    sizes = analysis.playground_group_sizes(len(values))
+    sizes = tensors.playground_group_sizes(len(values))
     per_group = st.radio("Scale shared by", ("the whole vector", "groups"), horizontal=True, key="pg_gran",
                          disabled=not sizes) == "groups"
     group_size = st.selectbox("Group size", sizes or [len(values)], key="pg_group", disabled=not per_group)
@@ -60,7 +61,7 @@ with controls:
 with user_errors():
     gran = Granularity("group", group_size) if per_group and sizes else Granularity("tensor")
     fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran)
-    result = analysis.quantize_vector(values, fmt)
+    result = tensors.quantize_vector(values, fmt)
 
 first = result.groups.iloc[0]
 st.subheader("The formulas, with your numbers")

@@ -1,6 +1,112 @@
-"""quality page (in progress)."""
+"""Quality vs bits: run a sweep (or open one) and see quality against bits per weight and size."""
+
+import json
 
 import streamlit as st
 
-st.title("quality")
-st.info("This page is being built.")
+from pages.common import (
+    cached_run, current_model, download_json, download_table, explain, model_choice, progress_callback,
+    quality_session, run_settings, user_errors,
+)
+from quantlab import plots, records
+from quantlab.analysis import runs as run_tables
+from quantlab.formats import QuantFormat
+from quantlab.pipeline import DEFAULT_SWEEP
+
+SENSITIVITY_FORMATS = ("int4-per-channel", "int4-g128", "int3-g128", "int2-g64")
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _open_record(data: bytes, name: str) -> records.RunRecord:
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise records.DataError(f"{name} is not JSON ({exc}); open a file written by `quantlab sweep --out`") from None
+    return records.record_from_dict(document, name)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _sensitivity(key: str, fmt_name: str, eval_tokens: int, roles: tuple, _session, _progress=None):
+    return run_tables.layer_sensitivity(_session, QuantFormat.parse(fmt_name), list(roles), _progress)
+
+
+st.title("Quality vs bits")
+st.write("Each configuration is a point: how many bits per weight it stores, and how much quality it keeps. "
+         "The **Pareto front** joins the configurations that no other beats on both.")
+explain("PTQ")
+run_tab, open_tab = st.tabs(["Run a sweep", "Open a sweep file"])
+with open_tab:
+    upload = st.file_uploader("Sweep file (JSON from `python -m quantlab sweep --out FILE.json`)", type=["json"],
+                              key="q_file")
+    if upload is not None:
+        with user_errors():
+            record = _open_record(upload.getvalue(), "the uploaded file")
+        st.session_state["q_runs"] = (f"file: {record.model.name}", record.runs)
+        st.success(f"Opened a {record.kind} of {len(record.runs)} runs on {record.model.name} "
+                   f"({record.device}, QuantLab {record.quantlab_version}, {record.created}).")
+loaded = current_model()
+with run_tab:
+    if loaded is None:
+        st.info("Running a sweep needs a model that runs; choose one in the sidebar, or open a sweep file.")
+    names = st.multiselect("Configurations", list(DEFAULT_SWEEP), default=list(DEFAULT_SWEEP), key="q_configs",
+                           help="The CLI's default sweep. Names follow `python -m quantlab sweep --configs`.")
+    settings = run_settings("q")
+    if st.button("Run sweep", type="primary", key="q_run", disabled=not names or loaded is None):
+        bar = progress_callback()
+        results = []
+        with user_errors():
+            for index, name in enumerate(names):
+                def step(fraction, message, index=index):
+                    bar((index + fraction) / len(names), f"[{index + 1}/{len(names)}] {message}")
+
+                results.append(cached_run(model_choice().key, name, settings, loaded, step))
+        bar(1.0, f"{len(names)} configurations done")
+        st.session_state["q_runs"] = (loaded.name, tuple(results))
+
+if "q_runs" not in st.session_state:
+    st.info("Run a sweep or open a sweep file to see the trade-off.")
+    st.stop()
+label, results = st.session_state["q_runs"]
+with user_errors():
+    table = run_tables.runs_table(results)
+metric = run_tables.quality_metric(results)
+st.subheader(f"Results: {label}")
+left, right = st.columns(2)
+left.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", metric, f"{metric} vs bits per weight"),
+                  key="q_bits")
+right.plotly_chart(plots.tradeoff_figure(table.assign(pareto=run_tables.pareto_front(
+    table, "size_mib", metric, run_tables.lower_is_better(metric))), "size_mib", metric, f"{metric} vs model size (MiB)"),
+    key="q_size")
+if table["kl_divergence"].notna().any():
+    st.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", "kl_divergence",
+                                          "KL divergence from full precision vs bits per weight", front=None),
+                    key="q_kl")
+    st.caption("KL divergence: how far the quantized model's next-token distribution moved from the full-precision "
+               "one, averaged over the evaluation tokens (0 = identical).")
+st.dataframe(table, hide_index=True, width="stretch")
+download_table(table, "quality_sweep")
+download_json([r.to_dict() for r in results], "quality_sweep_runs", "Download all runs (JSON)")
+
+st.subheader("Per-layer sensitivity")
+st.write("Quantize **one** layer at a time, leave the rest in full precision, and measure the quality drop: "
+         "the tall bars are the layers to keep at higher precision.")
+if loaded is None:
+    st.info("Sensitivity needs a model that runs; choose one in the sidebar.")
+    st.stop()
+left, right = st.columns(2)
+fmt_name = left.selectbox("Format for the one layer", SENSITIVITY_FORMATS, index=2, key="q_sens_fmt")
+roles = run_tables.linear_roles(loaded.model)
+chosen_roles = right.multiselect("Roles", roles, default=roles, key="q_sens_roles")
+if st.button("Measure sensitivity", key="q_sens_run", disabled=not chosen_roles):
+    session = quality_session(model_choice().key, settings.eval_tokens, loaded)
+    with user_errors():
+        st.session_state["q_sens"] = _sensitivity(model_choice().key, fmt_name, settings.eval_tokens,
+                                                  tuple(chosen_roles), session, progress_callback())
+if "q_sens" in st.session_state:
+    sensitivity = st.session_state["q_sens"]
+    st.plotly_chart(plots.bar_figure(sensitivity.assign(layer=[plots.short_name(n) for n in sensitivity["layer"]],
+                                                        percent=sensitivity["relative_delta"] * 100),
+                                     "layer", "percent", "Quality drop when only this layer is quantized",
+                                     color="role", y_title=f"{metric} change (%)"), key="q_sens_chart")
+    st.dataframe(sensitivity, hide_index=True, width="stretch")
+    download_table(sensitivity, "quality_layer_sensitivity")

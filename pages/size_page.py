@@ -3,17 +3,18 @@
 import streamlit as st
 
 from pages.common import current_model, download_table, explain, model_choice, user_errors
-from quantlab import analysis, models, plots
+from quantlab import models, plots
+from quantlab.analysis import sizes
 
 
 @st.cache_data(show_spinner="Computing sizes…", max_entries=8)
 def _model_sizes(key: str, _source):
-    return analysis.format_sizes(_source, analysis.size_variants())
+    return sizes.format_sizes(_source, sizes.size_variants())
 
 
 @st.cache_data(show_spinner=False)
 def _reference_sizes():
-    return analysis.reference_sizes(analysis.size_variants())
+    return sizes.reference_sizes(sizes.size_variants())
 
 
 def _variant(table):

@@ -3,18 +3,19 @@
 import streamlit as st
 
 from pages.common import current_format, current_matrices, download_table, explain, matrix_picker, model_choice, user_errors
-from quantlab import analysis, plots
+from quantlab import plots
 from quantlab.formats import QuantFormat
+from quantlab.analysis import sizes, tensors
 
 
 @st.cache_data(show_spinner="Quantizing the layer…", max_entries=64)
-def _views(key: str, layer: str, fmt_repr: str, which: str, _W, _fmt) -> analysis.WeightViews:
-    return analysis.weight_views(_W, _fmt, which)
+def _views(key: str, layer: str, fmt_repr: str, which: str, _W, _fmt) -> tensors.WeightViews:
+    return tensors.weight_views(_W, _fmt, which)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _comparison(key: str, layer: str, fmt_reprs: tuple, _W, _fmts) -> tuple:
-    return analysis.format_comparison(_W, _fmts), analysis.error_histograms(_W, _fmts)
+    return tensors.format_comparison(_W, _fmts), tensors.error_histograms(_W, _fmts)
 
 
 st.title("Weights")
@@ -49,7 +50,7 @@ with right:
     explain("scale")
 
 st.subheader("Before and after: two formats")
-names = [fmt.name, *[n for n in analysis.SIZE_FORMATS if n != fmt.name]]
+names = [fmt.name, *[n for n in sizes.SIZE_FORMATS if n != fmt.name]]
 other_name = st.selectbox("Compare the sidebar's format with", names[1:], index=2, key="w_other")
 with user_errors():
     other = QuantFormat.parse(other_name, scale_dtype=fmt.scale_dtype)

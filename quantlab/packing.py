@@ -6,8 +6,9 @@ byte (the first in the low nibble), 8-bit codes are the bytes themselves, and 2/
 codes take exactly ``ceil(numel * n / 8)`` bytes with no padding between codes. Eight codes of
 ``n`` bits fill exactly ``n`` bytes, so packing works on groups of eight codes at once.
 
-Worked example, 3-bit codes ``[1, 2, 3]``: the stream is 001 010 011 read from bit 0, i.e. the
-value ``1 + 2*8 + 3*64 = 209``, which fits one byte: ``pack(tensor([1, 2, 3]), 3) == [209]``.
+Worked example, 3-bit codes ``[5, 2, 7]``: the stream holds ``5 + 2*8 + 7*64 = 469`` in its
+9 bits, which take two bytes, ``469 % 256 = 213`` and ``469 // 256 = 1``:
+``pack(tensor([5, 2, 7]), 3) == tensor([213, 1], dtype=torch.uint8)``.
 
 ``pack_int32`` writes the 32-bit-word layout of GPTQ and compressed-tensors checkpoints (for
 widths that divide 32): ``32 / n`` codes per word along the last dimension, lowest bits first.

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from quantlab.analysis import VectorQuantization
+from quantlab.analysis.tensors import VectorQuantization
 
 PALETTE = ("#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c940d")
 MAX_LEVEL_LINES = 64  # above this many grid levels (INT8, FP8) draw ticks, not lines: they would fill the plot
@@ -144,3 +144,18 @@ def channel_figure(table: pd.DataFrame, column: str, title: str, marks: dict[str
         fig.add_trace(go.Scatter(x=chosen["channel"], y=chosen[column] * (1.06 + 0.08 * i), mode="markers",
                                  name=label, marker=dict(size=10, symbol="triangle-down", color=PALETTE[1 + i])))
     return _layout(fig, title, "channel", column.replace("_", " "))
+
+
+def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str | None = "pareto",
+                    log_y: bool = False) -> go.Figure:
+    """Configurations as labelled points, coloured by method, with the Pareto front joined by a line."""
+    fig = go.Figure()
+    for i, (method, part) in enumerate(table.groupby("method", sort=False)):
+        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers+text", name=method, text=part["config"],
+                                 textposition="top center", marker=dict(size=12, color=PALETTE[i % len(PALETTE)])))
+    if front is not None and table[front].any():
+        best = table[table[front]].sort_values(x)
+        fig.add_trace(go.Scatter(x=best[x], y=best[y], mode="lines", name="Pareto front",
+                                 line=dict(color="#495057", dash="dash")))
+    fig.update_yaxes(type="log" if log_y else "linear")
+    return _layout(fig, title, x.replace("_", " "), y.replace("_", " "), height=420)

@@ -83,6 +83,11 @@ def layer_errors(runs: Sequence[RunResult]) -> pd.DataFrame:
                                        "clipped_fraction"])
 
 
+def linear_roles(model: torch.nn.Module) -> list[str]:
+    """The roles of the model's quantizable linears (q, k, v, o, gate, up, down, ...), sorted."""
+    return sorted({info.role for info in find_linears(model)})
+
+
 def _one_layer_quantized(model: torch.nn.Module, name: str, fmt: QuantFormat) -> torch.nn.Module:
     """A view of ``model`` in which only linear ``name`` is quantized; the original is untouched.
 

@@ -31,8 +31,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
                         dtype=args.dtype)
+    text = load_text(args.text)  # before the model: a bad text source fails at once
     loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
-    text = load_text(args.text)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.kind, text, config)
     payload = {"model": loaded.name, "kind": loaded.kind, "text": str(args.text)} | result.to_dict()
     emit(payload, args.json, describe(loaded.name, str(args.text), result))

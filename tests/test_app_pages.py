@@ -1,0 +1,218 @@
+"""Every page of the app, run headless with Streamlit's AppTest on the bundled models, small settings.
+
+Each test opens the app the way a browser does (app.py with its sidebar, then a page), asserts that
+no exception reached the page, and checks what the page shows against numbers computed here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from streamlit.testing.v1 import AppTest
+
+from quantlab import models
+from quantlab.algorithms.base import CalibConfig
+from quantlab.analysis import sizes
+from quantlab.pipeline import run_sweep, sweep_configs
+from quantlab.records import write_record
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 300  # generous: the CI machine may be busy; each page here takes seconds when idle
+ENCODER = "Bundled encoder (all-MiniLM-L6-v2)"
+
+
+def open_page(page: str, model: str | None = None, hub_id: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    if model is not None:
+        at.selectbox(key="sb_model").set_value(model).run()
+    if hub_id is not None:
+        at.text_input(key="sb_hub_id").set_value(hub_id).run()
+    at.switch_page(f"pages/{page}_page.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def small_settings(at: AppTest, prefix: str) -> None:
+    """The smallest calibration and evaluation sizes the run settings offer."""
+    at.number_input(key=f"{prefix}_cs").set_value(2)
+    at.select_slider(key=f"{prefix}_cl").set_value(64)
+    at.select_slider(key=f"{prefix}_et").set_value(512)
+
+
+def test_home_lists_every_page_and_the_glossary():
+    at = open_page("home")
+    assert at.title[0].value == "QuantLab"
+    glossary = [m.value for m in at.expander[0].markdown]
+    assert len(glossary) == 8 and any("zero-point" in g for g in glossary)
+
+
+def test_model_page_counts_parameters_and_lists_every_tensor():
+    at = open_page("model")
+    loaded = models.load_model(models.BUNDLED_LM)
+    n_params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
+    shown = metrics(at)
+    assert shown["Parameters"] == f"{n_params / 1e6:.2f} M"
+    assert shown["Kind"] == "causal LM"
+    assert float(shown["In int4-g128"].split()[0]) < float(shown["Full-precision size"].split()[0])
+    listing = models.inspect_tensors(models.BUNDLED_LM)
+    formats, layers = at.dataframe[0].value, at.dataframe[1].value
+    assert len(layers) == len(listing.tensors)
+    assert set(layers["role"]) >= {"q", "k", "v", "o", "gate", "up", "down", "embedding", "norm"}
+    assert list(formats["format"]) == [f.name for f in sizes.size_variants(variants=((True, "fp16"),))]
+    assert at.get("plotly_chart")
+
+
+def test_model_page_on_the_encoder():
+    at = open_page("model", model=ENCODER)
+    assert metrics(at)["Kind"] == "encoder"
+    assert metrics(at)["Blocks"] == "6"
+
+
+def test_playground_outlier_blows_up_the_scale():
+    at = open_page("playground")
+    before = metrics(at)
+    # The example's largest |value| is 1.2: INT4 symmetric gives s = 1.2 / 7, stored in fp16.
+    assert before["Scale (first group)"] == f"{torch.tensor(1.2 / 7).half().item():.4g}"
+    table = at.dataframe[0].value
+    assert len(table) == 8 and table["code"].between(-7, 7).all()
+    at.button(key="pg_outlier").click().run()
+    after = metrics(at)
+    assert float(after["Scale (first group)"]) > 9 * float(before["Scale (first group)"])
+    assert float(after["Mean squared error"]) > 10 * float(before["Mean squared error"])
+    at.radio(key="pg_sym").set_value("asymmetric").run()
+    at.radio(key="pg_gran").set_value("groups").run()
+    assert not at.exception
+    assert metrics(at)["Zero-point"] != "none"
+    assert at.get("plotly_chart") and at.latex
+
+
+def test_weights_page_shows_histograms_and_compares_two_formats():
+    at = open_page("weights")
+    shown = metrics(at)
+    assert shown["Bits per weight"] == "4.125"  # the sidebar's default: INT4, groups of 128, fp16 scales
+    assert len(at.get("plotly_chart")) == 4
+    comparison = at.dataframe[0].value
+    assert len(comparison) == 2 and comparison["format"].iloc[0] == "int4-g128"
+    int8_row = comparison[comparison["format"].str.startswith("int8")]
+    if len(int8_row):
+        assert int8_row["relative_error"].iloc[0] < comparison["relative_error"].iloc[0]
+
+
+def test_clipping_page_finds_a_minimum():
+    at = open_page("clipping")
+    best = float(metrics(at)["Best clip ratio"])
+    assert 0.3 <= best <= 1.0
+    methods = at.dataframe[0].value
+    assert len(methods) == 3
+    mse_row = methods[methods["range_method"] == "mse"].iloc[0]
+    minmax_row = methods[methods["range_method"] == "minmax"].iloc[0]
+    assert mse_row["mse"] <= minmax_row["mse"] and minmax_row["clipped_fraction"] == 0
+    at.radio(key="c_scope").set_value("one block").run()
+    assert not at.exception and len(at.get("plotly_chart")) == 2
+
+
+def test_size_page_computes_the_7b_arithmetic():
+    at = open_page("size")
+    n_variants = len(sizes.size_variants())
+    this_model, reference = at.dataframe[0].value, at.dataframe[1].value
+    assert len(this_model) == n_variants and len(reference) == 3 * n_variants
+    seven_b = [m.value for m in at.markdown if m.value.startswith("**7B at INT4")]
+    assert seven_b and "4.125 bits per quantized weight" in seven_b[0]
+    assert len(at.get("plotly_chart")) == 2
+
+
+def test_outliers_page_on_the_encoder_shows_real_activation_outliers():
+    at = open_page("outliers", model=ENCODER)
+    at.radio(key="o_source").set_value("activations").run()
+    assert not at.exception
+    top = at.dataframe[0].value
+    assert (top["source"] == "activation").all()
+    # all-MiniLM-L6-v2 has genuine outlier channels: the largest is far above its layer's median.
+    assert top["ratio_to_median"].iloc[0] > 10
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3
+    trace_names = {trace.get("name") for trace in json.loads(charts[1].proto.spec)["data"]}
+    assert {"AWQ scales up (salient)", "SmoothQuant migrates"} <= trace_names
+
+
+def test_outliers_page_reads_an_uploaded_safetensors_file(tmp_path):
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(32, 64) for i in range(2)}
+    tensors["model.layers.0.mlp.down_proj.weight"][:, 5] *= 40  # one outlier input channel
+    save_file(tensors, tmp_path / "w.safetensors")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.selectbox(key="sb_model").set_value("Upload .safetensors").run()
+    at.file_uploader(key="sb_upload").set_value(("w.safetensors", (tmp_path / "w.safetensors").read_bytes(),
+                                                 "application/octet-stream")).run()
+    at.switch_page("pages/outliers_page.py").run()
+    assert not at.exception
+    top = at.dataframe[0].value
+    assert top.iloc[0]["layer"] == "model.layers.0.mlp.down_proj.weight" and top.iloc[0]["channel"] == 5
+
+
+def test_a_bad_upload_gives_a_message_not_a_traceback():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.selectbox(key="sb_model").set_value("Upload .safetensors").run()
+    at.file_uploader(key="sb_upload").set_value(("x.safetensors", b"\x89PNG\r\n\x1a\n not weights",
+                                                 "application/octet-stream")).run()
+    at.switch_page("pages/weights_page.py").run()
+    assert not at.exception
+    assert at.error and "safetensors" in at.error[0].value
+
+
+def test_an_offline_hub_id_lists_the_offline_choices(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = open_page("model", model="Hugging Face hub id (needs network)", hub_id="gpt2")
+    assert at.error and "bundled" in at.error[0].value
+
+
+def test_quality_page_runs_a_small_sweep():
+    at = open_page("quality")
+    at.multiselect(key="q_configs").set_value(["fp", "int8", "int4-g128"])
+    small_settings(at, "q")
+    at.button(key="q_run").click().run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["config"]) == ["fp", "rtn-int8-per-channel", "rtn-int4-g128"]
+    assert table["bits_per_weight"].iloc[2] == pytest.approx(4.125)
+    kl = table["kl_divergence"].tolist()
+    assert kl[0] == 0 and 0 < kl[1] < kl[2]
+    assert table["pareto"].any() and len(at.get("plotly_chart")) == 3
+
+
+def test_quality_page_opens_a_sweep_file(tmp_path):
+    loaded = models.load_model(models.BUNDLED_LM)
+    results = run_sweep(loaded, sweep_configs(["fp", "int4-g128"], CalibConfig(n_samples=2, seq_len=64)),
+                        max_eval_tokens=512)
+    path = write_record(tmp_path / "sweep.json", results, loaded).to_dict()
+    at = open_page("quality")
+    at.file_uploader(key="q_file").set_value(("sweep.json", json.dumps(path).encode(), "application/json")).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["config"]) == ["fp", "rtn-int4-g128"]
+    assert table["perplexity"].tolist() == pytest.approx([r.quality["perplexity"] for r in results])
+    at.file_uploader(key="q_file").set_value(("bad.json", b"{not json", "application/json")).run()
+    assert not at.exception and at.error
+
+
+def test_compare_page_puts_configurations_side_by_side():
+    at = open_page("compare")
+    at.multiselect(key="c_configs").set_value(["int8", "int4-g128"])
+    small_settings(at, "c")
+    at.button(key="c_run").click().run()
+    assert not at.exception
+    at.slider(key="c_tokens").set_value(8).run()
+    assert not at.exception
+    summary = at.dataframe[0].value
+    assert list(summary["config"]) == ["fp", "rtn-int8-per-channel", "rtn-int4-g128"]
+    assert summary["size_mib"].iloc[2] < summary["size_mib"].iloc[1] < summary["size_mib"].iloc[0]
+    generations = [c.value for c in at.code]
+    assert len(generations) == 3 and all(g.startswith("def read_config(path):") for g in generations)
+    assert at.get("plotly_chart")

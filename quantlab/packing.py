@@ -40,10 +40,13 @@ def _check_width(n_bits: int, widths: tuple[int, ...]) -> None:
 def _check_codes(codes: torch.Tensor, n_bits: int) -> None:
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise FormatError(f"pack takes integer codes, got {codes.dtype}; use to_unsigned(codes, fmt) first")
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**n_bits):
+    if not codes.numel():
+        return
+    low, high = int(codes.min()), int(codes.max())  # Python ints: 2**8 does not fit a uint8 comparison
+    if low < 0 or high >= 2**n_bits:
         raise FormatError(
-            f"codes must lie in [0, {2**n_bits - 1}] to pack at {n_bits} bits, got "
-            f"[{codes.min().item()}, {codes.max().item()}]; offset signed codes with to_unsigned"
+            f"codes must lie in [0, {2**n_bits - 1}] to pack at {n_bits} bits, got [{low}, {high}]; "
+            "offset signed codes with to_unsigned"
         )
 
 

@@ -1,0 +1,92 @@
+"""Drive the real app in headless Chromium: start ``streamlit run``, switch pages, wait until settled.
+
+Shared by the browser test (tests/test_browser.py) and the page-switch benchmark
+(bench/bench_pages.py). Playwright cannot download browsers offline, so it runs Debian's Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+# (label in the sidebar navigation, the page's title)
+PAGES = (
+    ("QuantLab", "QuantLab"), ("Model", "Model"), ("Playground", "Playground"), ("Weights", "Weights"),
+    ("Outliers", "Outliers"), ("Clipping", "Clipping"), ("Size & scale overhead", "Size & scale overhead"),
+    ("Quality vs bits", "Quality vs bits"), ("Compare", "Compare"),
+)
+SETTLED = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+EXCEPTION = '[data-testid="stException"]'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def streamlit_server(start_timeout: float = 120.0):
+    """``python -m streamlit run app.py`` on a free localhost port; yields its URL, stops it after."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+               "--server.port", str(port), "--server.address", "127.0.0.1"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, start_timeout)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"streamlit did not answer on {url} within {timeout:.0f} s")
+
+
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def wait_settled(page, title: str, timeout_ms: float = 180_000) -> None:
+    """The page shows ``title``, its script has finished, and every plotly chart has drawn."""
+    page.locator("h1", has_text=title).first.wait_for(timeout=timeout_ms)
+    page.wait_for_selector(SETTLED, timeout=timeout_ms)
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+                 .every(chart => chart.querySelector('.main-svg'))""",
+        timeout=timeout_ms,
+    )
+
+
+def switch_page(page, label: str, title: str, timeout_ms: float = 180_000) -> float:
+    """Click ``label`` in the sidebar navigation; seconds until the new page has settled."""
+    link = page.locator('[data-testid="stSidebarNavLink"]', has_text=label).first
+    start = time.perf_counter()
+    link.click()
+    wait_settled(page, title, timeout_ms)
+    return time.perf_counter() - start

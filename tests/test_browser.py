@@ -1,0 +1,47 @@
+"""The real app in a real browser: every page opens in headless Chromium without an exception box.
+
+A screenshot of each page goes to assets/screenshots/ (README shows one). Skipped, with the reason,
+where Debian's Chromium is not installed (``make browser-deps`` installs it).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.browser_app import CHROMIUM, EXCEPTION, PAGES, ROOT, launch, streamlit_server, switch_page, wait_settled
+
+pytestmark = pytest.mark.browser
+SCREENSHOTS = ROOT / "assets" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (make browser-deps) to run the browser test")
+    with streamlit_server() as url:
+        yield url
+
+
+def _slug(title: str) -> str:
+    return title.lower().replace(" & ", "-").replace(" ", "-")
+
+
+def test_every_page_renders_without_an_exception(app_url):
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(app_url)
+        wait_settled(page, "QuantLab")
+        for index, (label, title) in enumerate(PAGES):
+            switch_page(page, label, title)
+            assert page.locator(EXCEPTION).count() == 0, f"exception box on the {title} page"
+            page.screenshot(path=str(SCREENSHOTS / f"{index}-{_slug(title)}.png"), full_page=True)
+        page.locator('[data-testid="stSidebarNavLink"]', has_text="Playground").first.click()
+        wait_settled(page, "Playground")
+        page.get_by_role("button", name="Add an outlier").click()
+        page.wait_for_selector('[data-testid="stMetricValue"] >> text=1.714', timeout=60_000)
+        assert page.locator(EXCEPTION).count() == 0
+        browser.close()

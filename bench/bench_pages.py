@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.browser_app import CHROMIUM, EXCEPTION, PAGES, launch, streamlit_server, switch_page, wait_settled  # noqa: E402
+from tests.browser_app import (  # noqa: E402  (after the path set-up above)
+    CHROMIUM, EXCEPTION, PAGES, launch, streamlit_server, switch_page, wait_settled,
+)
 
 TARGET_S = 1.0
 

@@ -2,10 +2,12 @@
 
 import streamlit as st
 
-from pages.common import current_format, current_matrices, download_table, explain, matrix_picker, model_choice, user_errors
+from pages.common import (
+    current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
+)
 from quantlab import plots
-from quantlab.primitives import to_blocks
 from quantlab.analysis import tensors
+from quantlab.primitives import to_blocks
 
 
 @st.cache_data(show_spinner="Sweeping clip ratios…", max_entries=64)
@@ -34,7 +36,7 @@ if scope == "one block":
     group = right.number_input(f"Group (0..{groups - 1})", 0, groups - 1, 0, key="c_group")
     block = (int(row), int(group))
 with user_errors():
-    sweep, methods = _clipping(model_choice().key, layer.name, repr(fmt), block, layer.weight, fmt)
+    sweep, methods = _clipping(results_key(), layer.name, repr(fmt), block, layer.weight, fmt)
 
 best = tensors.best_ratio(sweep)
 cols = st.columns(3)

@@ -21,12 +21,12 @@ import streamlit as st
 
 from quantlab import models
 from quantlab.algorithms.base import CalibConfig, RunResult, parse_config_name
+from quantlab.analysis import tensors
 from quantlab.device import available_devices
 from quantlab.errors import QuantLabError
 from quantlab.evaluation import EvalConfig
 from quantlab.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
 from quantlab.pipeline import SWEEP_EVAL_CTX, QuantSession, quantize_model
-from quantlab.analysis import tensors
 
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
 BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
@@ -132,6 +132,13 @@ def current_model() -> models.LoadedModel | None:
         return None
     with user_errors():
         return cached_model(choice.source, choice.device, choice.trust_remote_code)
+
+
+def results_key() -> str:
+    """Keys st.cache_data results: the choice plus the loaded object, so a reloaded model never meets stale results."""
+    choice = model_choice()
+    loaded = current_model()
+    return choice.key if loaded is None else f"{choice.key}#{id(loaded.model)}"
 
 
 def require_model(what: str) -> models.LoadedModel:
@@ -342,4 +349,4 @@ GLOSSARY = {
 
 def explain(term: str) -> None:
     """A one-line definition of a workshop term, as a caption."""
-    st.caption(f"**{term.capitalize()}**: {GLOSSARY[term]}")
+    st.caption(f"**{term[0].upper() + term[1:]}**: {GLOSSARY[term]}")

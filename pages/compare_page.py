@@ -3,8 +3,8 @@
 import streamlit as st
 
 from pages.common import (
-    cached_quantized, cached_run, download_json, download_table, export_zip, model_choice, progress_callback,
-    require_model, run_settings, user_errors,
+    cached_quantized, cached_run, download_json, download_table, export_zip, progress_callback, require_model,
+    results_key, run_settings, user_errors,
 )
 from quantlab import plots, records
 from quantlab.analysis import runs as run_tables
@@ -19,6 +19,11 @@ def _generate(key: str, config_name: str, settings, prompt: str, n_tokens: int, 
     return run_tables.generate_text(_model, _tokenizer, prompt, n_tokens)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _record(key: str, names: tuple, settings, _results, _loaded) -> dict:
+    return records.build_record(_results, _loaded, kind="sweep").to_dict()
+
+
 st.title("Compare")
 st.write("Up to three configurations of the same model, side by side, against full precision.")
 loaded = require_model("Comparing configurations")
@@ -26,7 +31,7 @@ names = st.multiselect("Configurations", sorted({*DEFAULT_SWEEP, *DEFAULT_CONFIG
                        max_selections=3, accept_new_options=True, key="c_configs",
                        help="Type any name the CLI takes, e.g. gptq-int4-g64, awq-int3-g128, int4-g32-asym.")
 settings = run_settings("c")
-key = model_choice().key
+key = results_key()
 if st.button("Compare", type="primary", key="c_run", disabled=not names):
     st.session_state["c_names"] = (key, tuple(names), settings)
 if st.session_state.get("c_names", (None,))[0] != key:
@@ -60,8 +65,7 @@ for column, row in zip(columns, table.itertuples()):
         column.metric("KL divergence", f"{row.kl_divergence:.4f}")
 st.dataframe(table, hide_index=True, width="stretch")
 download_table(table, "compare_summary")
-record = records.build_record(results, loaded, kind="sweep")
-download_json(record.to_dict(), "compare_record", "Download the run record (JSON)")
+download_json(_record(key, names, settings, results, loaded), "compare_record", "Download the run record (JSON)")
 
 st.subheader("Per-layer output error")
 st.caption("Relative output error ||XWᵀ − XŴᵀ||² / ||XWᵀ||² of each linear on the calibration tokens.")

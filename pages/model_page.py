@@ -2,7 +2,9 @@
 
 import streamlit as st
 
-from pages.common import current_format, current_model, download_table, explain, model_choice, user_errors
+from pages.common import (
+    current_format, current_model, download_table, explain, model_choice, results_key, user_errors,
+)
 from quantlab import models, plots
 from quantlab.analysis import sizes
 
@@ -24,7 +26,7 @@ fmt = current_format()
 loaded = current_model()
 with user_errors():
     source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
-    params, fp_bytes, layers, formats = _tables(choice.key, repr(fmt), source, fmt)
+    params, fp_bytes, layers, formats = _tables(results_key(), repr(fmt), source, fmt)
 
 if loaded is not None:
     summary = sizes.model_summary(loaded.model, loaded.kind)

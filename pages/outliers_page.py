@@ -3,7 +3,8 @@
 import streamlit as st
 
 from pages.common import (
-    current_matrices, current_model, download_table, explain, matrix_picker, model_choice, progress_callback, user_errors,
+    current_matrices, current_model, download_table, explain, matrix_picker, progress_callback, results_key,
+    user_errors,
 )
 from quantlab import plots
 from quantlab.algorithms.base import CalibConfig
@@ -29,7 +30,7 @@ if loaded is None:
 elif st.toggle("Include activations (runs a calibration pass)", key="o_acts", value=True):
     explain("calibration")
     with user_errors(), st.status("Calibration pass: recording every linear's inputs…", expanded=False) as status:
-        stats = _activation_stats(model_choice().key, CALIB_SAMPLES, CALIB_LEN, loaded, progress_callback(status))
+        stats = _activation_stats(results_key(), CALIB_SAMPLES, CALIB_LEN, loaded, progress_callback(status))
         status.update(label=f"Calibration: {CALIB_SAMPLES} x {CALIB_LEN} tokens of the bundled training text",
                       state="complete")
 

@@ -5,8 +5,8 @@ import streamlit as st
 
 from pages.common import GLOSSARY, download_table, explain, user_errors
 from quantlab import plots
-from quantlab.formats import Granularity, QuantFormat
 from quantlab.analysis import tensors
+from quantlab.formats import Granularity, QuantFormat
 
 DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
 

@@ -5,8 +5,8 @@ import json
 import streamlit as st
 
 from pages.common import (
-    cached_run, current_model, download_json, download_table, explain, model_choice, progress_callback,
-    quality_session, run_settings, user_errors,
+    cached_run, current_model, download_json, download_table, explain, progress_callback, quality_session,
+    results_key, run_settings, user_errors,
 )
 from quantlab import plots, records
 from quantlab.analysis import runs as run_tables
@@ -59,7 +59,7 @@ with run_tab:
                 def step(fraction, message, index=index):
                     bar((index + fraction) / len(names), f"[{index + 1}/{len(names)}] {message}")
 
-                results.append(cached_run(model_choice().key, name, settings, loaded, step))
+                results.append(cached_run(results_key(), name, settings, loaded, step))
         bar(1.0, f"{len(names)} configurations done")
         st.session_state["q_runs"] = (loaded.name, tuple(results))
 
@@ -74,9 +74,8 @@ st.subheader(f"Results: {label}")
 left, right = st.columns(2)
 left.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", metric, f"{metric} vs bits per weight"),
                   key="q_bits")
-right.plotly_chart(plots.tradeoff_figure(table.assign(pareto=run_tables.pareto_front(
-    table, "size_mib", metric, run_tables.lower_is_better(metric))), "size_mib", metric, f"{metric} vs model size (MiB)"),
-    key="q_size")
+by_size = table.assign(pareto=run_tables.pareto_front(table, "size_mib", metric, run_tables.lower_is_better(metric)))
+right.plotly_chart(plots.tradeoff_figure(by_size, "size_mib", metric, f"{metric} vs model size (MiB)"), key="q_size")
 if table["kl_divergence"].notna().any():
     st.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", "kl_divergence",
                                           "KL divergence from full precision vs bits per weight", front=None),
@@ -98,12 +97,12 @@ fmt_name = left.selectbox("Format for the one layer", SENSITIVITY_FORMATS, index
 roles = run_tables.linear_roles(loaded.model)
 chosen_roles = right.multiselect("Roles", roles, default=roles, key="q_sens_roles")
 if st.button("Measure sensitivity", key="q_sens_run", disabled=not chosen_roles):
-    session = quality_session(model_choice().key, settings.eval_tokens, loaded)
+    session = quality_session(results_key(), settings.eval_tokens, loaded)
     with user_errors():
-        st.session_state["q_sens"] = _sensitivity(model_choice().key, fmt_name, settings.eval_tokens,
-                                                  tuple(chosen_roles), session, progress_callback())
-if "q_sens" in st.session_state:
-    sensitivity = st.session_state["q_sens"]
+        st.session_state["q_sens"] = results_key(), _sensitivity(
+            results_key(), fmt_name, settings.eval_tokens, tuple(chosen_roles), session, progress_callback())
+if st.session_state.get("q_sens", (None,))[0] == results_key():
+    sensitivity = st.session_state["q_sens"][1]
     st.plotly_chart(plots.bar_figure(sensitivity.assign(layer=[plots.short_name(n) for n in sensitivity["layer"]],
                                                         percent=sensitivity["relative_delta"] * 100),
                                      "layer", "percent", "Quality drop when only this layer is quantized",

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages.common import current_model, download_table, explain, model_choice, user_errors
+from pages.common import current_model, download_table, explain, model_choice, results_key, user_errors
 from quantlab import models, plots
 from quantlab.analysis import sizes
 
@@ -34,7 +34,7 @@ if choice is None:
 loaded = current_model()
 with user_errors():
     source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
-    sizes = _variant(_model_sizes(choice.key, source))
+    sizes = _variant(_model_sizes(results_key(), source))
 
 st.subheader(f"This model: {loaded.name if loaded is not None else 'uploaded weights'}")
 fitting = sizes[sizes["note"] == ""]

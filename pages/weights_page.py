@@ -2,10 +2,12 @@
 
 import streamlit as st
 
-from pages.common import current_format, current_matrices, download_table, explain, matrix_picker, model_choice, user_errors
+from pages.common import (
+    current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
+)
 from quantlab import plots
-from quantlab.formats import QuantFormat
 from quantlab.analysis import sizes, tensors
+from quantlab.formats import QuantFormat
 
 
 @st.cache_data(show_spinner="Quantizing the layer…", max_entries=64)
@@ -27,13 +29,14 @@ layer = matrix_picker(matrices, key="w_layer")
 which = st.radio("Overlay the grid of the block with the", ("largest", "median"), horizontal=True, key="w_block",
                  format_func=lambda w: f"{w} scale")
 with user_errors():
-    views = _views(model_choice().key, layer.name, repr(fmt), which, layer.weight, fmt)
+    views = _views(results_key(), layer.name, repr(fmt), which, layer.weight, fmt)
 
 summary = views.summary
 cols = st.columns(4)
 cols[0].metric("Bits per weight", f"{summary['bits_per_weight']:.3f}")
 cols[1].metric("Relative error", f"{summary['relative_error']:.2e}")
-cols[2].metric("SQNR", f"{summary['sqnr_db']:.1f} dB", help="Signal-to-quantization-noise ratio: 10 log10(|W|² / |W - Ŵ|²)")
+cols[2].metric("SQNR", f"{summary['sqnr_db']:.1f} dB",
+               help="Signal-to-quantization-noise ratio: 10 log10(|W|² / |W - Ŵ|²)")
 cols[3].metric("Clipped", f"{summary['clipped_fraction']:.2%}")
 explain("bits per weight")
 
@@ -54,7 +57,7 @@ names = [fmt.name, *[n for n in sizes.SIZE_FORMATS if n != fmt.name]]
 other_name = st.selectbox("Compare the sidebar's format with", names[1:], index=2, key="w_other")
 with user_errors():
     other = QuantFormat.parse(other_name, scale_dtype=fmt.scale_dtype)
-    table, errors = _comparison(model_choice().key, layer.name, (repr(fmt), repr(other)), layer.weight, (fmt, other))
+    table, errors = _comparison(results_key(), layer.name, (repr(fmt), repr(other)), layer.weight, (fmt, other))
 st.plotly_chart(plots.overlaid_histograms_figure(errors, "Error of each format, same axis", "error"), key="w_cmp")
 st.dataframe(table, hide_index=True, width="stretch")
 download_table(table, "weights_format_comparison")

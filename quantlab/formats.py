@@ -14,7 +14,9 @@ That is 4 bits per weight plus one 16-bit scale and one 4-bit zero-point per 128
 
 Symmetric integers use the *restricted* range [-(2^(b-1)-1), 2^(b-1)-1] (e.g. [-7, 7] at 4 bits):
 the grid is then symmetric about zero, ``scale = absmax / qmax`` maps both +absmax and -absmax
-exactly onto the grid, and no value is clipped by min-max calibration. The full range would add one
+exactly onto the grid, and no value is clipped by min-max calibration (as long as the scale is a
+normal number of its storage dtype: fp16 scales below 6.1e-5 lose bits, and then the rounded scale
+may clip the absmax; bf16 scales avoid that for tiny weights). The full range would add one
 negative code (-8) that only the most negative value could ever use, at the cost of a lopsided grid.
 This is the convention of GPTQ's and compressed-tensors' symmetric int checkpoints' values too:
 every restricted code also lies in the full range, so exported files load anywhere.

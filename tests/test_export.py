@@ -187,3 +187,20 @@ def test_run_data_reopens_without_recomputing(tiny_llama, tmp_path):
     (folder / STATS_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match="calibration statistics"):
         load_run_data(folder)
+
+
+def test_quantize_command_exports_and_refuses_a_taken_folder(bundled_lm_path, tmp_path, capsys):
+    from quantlab.cli import main
+
+    args = ["quantize", str(bundled_lm_path), "--format", "int4", "--group-size", "64", "--calib-samples", "2",
+            "--calib-len", "32", "--max-eval-tokens", "256", "--device", "cpu", "--json"]
+    assert main(args + ["--out", str(tmp_path / "exported")]) == 0
+    document = json.loads(capsys.readouterr().out)
+    qc = json.loads((tmp_path / "exported" / "config.json").read_text())["quantization_config"]
+    assert document["export"] == str(tmp_path / "exported")
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert main(args + ["--out", str(taken)]) == 2
+    assert "not empty" in capsys.readouterr().err and (taken / "keep.txt").read_text() == "mine"

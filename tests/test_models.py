@@ -20,6 +20,7 @@ from quantlab.models import (
     BUNDLED_ENCODER, BUNDLED_LM, copy_model, inspect_tensors, is_bundled, load_model, load_tensors, matrix_tensors,
     model_size, model_skeleton, reference_size, resolve_source, skipped_tensors,
 )
+from quantlab.packing import pack_quantized
 from quantlab.primitives import quantize
 from quantlab.sizing import REFERENCE_MODELS
 
@@ -291,23 +292,21 @@ def test_full_precision_size_matches_the_saved_checkpoint(tmp_path, tiny_llama):
 
 
 def _saved_quantized_checkpoint(model: torch.nn.Module, fmt: QuantFormat, path: pathlib.Path) -> int:
-    """Quantize every block linear for real, save codes + scales (+ zero-points) + kept tensors; data bytes."""
+    """Quantize and pack every block linear for real, save it with the kept tensors; the data bytes."""
     tensors = load_tensors(model)  # every tensor once (lm_head tied to the embedding)
     for info in find_linears(model):
-        qt = quantize(weight_matrix(model.get_submodule(info.name)).detach(), fmt)
         del tensors[f"{info.name}.weight"]
-        tensors[f"{info.name}.codes"] = qt.codes  # one byte per code at 8 bits: no packing needed
-        tensors[f"{info.name}.scale"] = qt.qparams.scale
-        if qt.qparams.zero_point is not None:
-            tensors[f"{info.name}.zero_point"] = qt.qparams.zero_point.to(torch.uint8)
+        qt = quantize(weight_matrix(model.get_submodule(info.name)).detach(), fmt)
+        tensors.update(pack_quantized(qt).to_tensors(info.name))
     save_file({name: t.contiguous() for name, t in tensors.items()}, path)
     return path.stat().st_size - 8 - int.from_bytes(path.read_bytes()[:8], "little")
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("name", ["int8", "int8-g32-asym", "int8-per-tensor-asym", "fp8-e4m3"])
+@pytest.mark.parametrize("name", ["int4-g32", "int3-g64-asym", "int2-per-channel-asym", "int5-per-tensor-asym",
+                                  "int8", "nf4-g32", "fp8-e4m3"])
 def test_size_accounting_equals_the_bytes_of_a_saved_quantized_model(tmp_path, kind, name):
-    model, fmt = build_tiny(kind), QuantFormat.parse(name, scale_dtype="fp32")
+    model, fmt = build_tiny(kind), QuantFormat.parse(name)
     saved = _saved_quantized_checkpoint(model, fmt, tmp_path / "q.safetensors")
     assert saved == model_size(model, fmt).total_bytes
 

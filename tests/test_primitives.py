@@ -234,7 +234,8 @@ def test_output_dtype_follows_input_and_input_is_never_modified(name, dtype):
     qt = quantize(x, fmt)
     assert out.dtype == dtype and out.shape == x.shape and dequantize(qt).dtype == dtype
     assert torch.equal(x, before)
-    assert (out.float() - x.float()).abs().max() < 0.05
+    # The maths runs in fp32 whatever the input: the result is the fp32 result, cast once.
+    assert torch.equal(out, fake_quantize(x.float(), fmt).to(dtype))
 
 
 # --- properties (hypothesis) ------------------------------------------------------------------------------
@@ -264,8 +265,9 @@ def test_error_is_at_most_half_a_step_inside_the_range_and_values_lie_on_the_gri
     # fp32 slack: x / s and q * s each round once (relative 2^-24 of at most 255 steps).
     slack = scale * 1e-4 + blocks.abs() * 1e-6
     assert ((blocks - out_blocks).abs() <= scale / 2 + slack)[inside].all()
-    if fmt.symmetric:
-        assert inside.all()  # min-max never clips a symmetric grid
+    if fmt.symmetric:  # min-max never clips a symmetric grid while the stored scale keeps its precision
+        normal = qparams.scale.float() >= torch.finfo(fmt.torch_scale_dtype).tiny  # (rows, groups, 1)
+        assert inside[normal.expand_as(inside)].all()
     steps = out_blocks / scale + zero  # grid points are (q - z) * s with integer q in [qmin, qmax]
     assert ((steps - steps.round()).abs() <= 1e-4).all()
     assert ((steps.round() >= fmt.qmin) & (steps.round() <= fmt.qmax)).all()

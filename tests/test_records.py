@@ -97,3 +97,18 @@ def test_missing_file_and_bad_kind(tmp_path):
     with pytest.raises(DataError, match="record kind"):
         record_from_dict({"format": RECORD_FORMAT, "version": 1, "kind": "party", "model": {"name": "m", "source": "m"},
                           "runs": []})
+
+
+def test_sweep_and_quantize_commands_write_records_the_reader_opens(bundled_lm_path, tmp_path, capsys):
+    from quantlab.cli import main
+
+    common = [str(bundled_lm_path), "--calib-samples", "2", "--calib-len", "32", "--max-eval-tokens", "256",
+              "--device", "cpu"]
+    assert main(["sweep", *common, "--configs", "fp,int8", "--out", str(tmp_path / "sweep.json")]) == 0
+    quantize = ["quantize", *common, "--format", "int4", "--group-size", "64", "--record", str(tmp_path / "q.json")]
+    assert main(quantize) == 0
+    capsys.readouterr()
+    sweep, single = read_record(tmp_path / "sweep.json"), read_record(tmp_path / "q.json")
+    assert [r.config.name for r in sweep.runs] == ["fp", "rtn-int8-per-channel"] and sweep.kind == "sweep"
+    assert single.kind == "quantize" and single.runs[0].config.weight_format.name == "int4-g64"
+    assert sweep.model.sha256 == single.model.sha256 and sweep.evaluation.n_tokens <= 256

@@ -95,7 +95,8 @@ def kurtosis_table(matrices: Sequence[NamedMatrix], stats: dict[str, ActivationS
     return pd.DataFrame(rows)
 
 
-def protected_channels(matrix: NamedMatrix, stats: ActivationStats, share: float = PROTECT_SHARE) -> dict[str, list[int]]:
+def protected_channels(matrix: NamedMatrix, stats: ActivationStats,
+                       share: float = PROTECT_SHARE) -> dict[str, list[int]]:
     """Input channels AWQ would scale up most and SmoothQuant would divide most, for one linear.
 
     AWQ: the largest ``mean|x|^α`` scales (salient by activation). SmoothQuant: the largest
@@ -105,7 +106,7 @@ def protected_channels(matrix: NamedMatrix, stats: ActivationStats, share: float
     awq = awq_scales(stats.mean_abs, AWQ_ALPHA)
     group = ScaleGroup(matrix.name, (matrix.name,), False)
     smooth = compute_smoothing(group, stats.absmax, [matrix.weight], SMOOTH_ALPHA).scales
-    return {"awq": awq.topk(n).indices.sort().values.tolist(), "smoothquant": smooth.topk(n).indices.sort().values.tolist()}
+    return {"awq": sorted(awq.topk(n).indices.tolist()), "smoothquant": sorted(smooth.topk(n).indices.tolist())}
 
 
 def layer_channels(matrix: NamedMatrix, axis: str, stats: ActivationStats | None = None) -> pd.DataFrame:

@@ -126,7 +126,9 @@ def quantize_vector(values: Sequence[float], fmt: QuantFormat) -> VectorQuantiza
     x_hat = fake_quantize(x, fmt, qparams)
     blocks = to_blocks(x, fmt)  # (1, groups, g)
     scale = qparams.scale.float().expand_as(blocks).reshape(-1)
-    zero = qparams.zero_point.expand_as(blocks).reshape(-1).float() if qparams.zero_point is not None else torch.zeros_like(scale)
+    zero = torch.zeros_like(scale)
+    if qparams.zero_point is not None:
+        zero = qparams.zero_point.expand_as(blocks).reshape(-1).float()
     group = torch.arange(blocks.shape[1]).repeat_interleave(blocks.shape[2])
     codes = to_blocks_codes(qt).reshape(-1)
     table = pd.DataFrame({
@@ -142,7 +144,8 @@ def quantize_vector(values: Sequence[float], fmt: QuantFormat) -> VectorQuantiza
     })
     if fmt.kind == "int":
         table["code"] = table["code"].astype(int)
-    return VectorQuantization(table, group_table(qparams, fmt), grid_levels(fmt, qparams, 0, 0), error_report(x, fmt, qparams))
+    return VectorQuantization(table, group_table(qparams, fmt), grid_levels(fmt, qparams, 0, 0),
+                              error_report(x, fmt, qparams))
 
 
 def group_table(qparams: QParams, fmt: QuantFormat) -> pd.DataFrame:
@@ -207,7 +210,8 @@ def quantize_weight(W: torch.Tensor, fmt: QuantFormat) -> WeightQuantization:
     return WeightQuantization(fmt.name, error, qparams.scale.float().reshape(-1).numpy(), qparams, report, bits)
 
 
-def histogram(values: torch.Tensor | np.ndarray, bins: int = 80, value_range: tuple[float, float] | None = None) -> pd.DataFrame:
+def histogram(values: torch.Tensor | np.ndarray, bins: int = 80,
+              value_range: tuple[float, float] | None = None) -> pd.DataFrame:
     """Counts per bin (left, right, center, count): a histogram as data, cheap for any tensor size."""
     v = torch.as_tensor(values).detach().float().reshape(-1)
     v = v[torch.isfinite(v)]

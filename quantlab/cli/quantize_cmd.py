@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from quantlab.cli import emit
 from quantlab.cli.size_cmd import BUNDLED_LM, FORMATS, format_from_args
@@ -98,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
     loaded, text = load_source(args)
     config = config_from_args(args, loaded.model)
+    if args.out:  # refuse a non-empty --out folder before the long work, not after it
+        from quantlab.export import check_output_folder
+
+        check_output_folder(Path(args.out))
     model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() else None, text,
                                    args.max_eval_tokens)
     document = summary(result)

@@ -3,13 +3,21 @@
 import streamlit as st
 
 from pages.common import current_model, download_table, explain, model_choice, results_key, user_errors
-from quantlab import models, plots
+from quantlab import models, plots, speed
 from quantlab.analysis import sizes
+
+SPEED_SETTINGS = speed.SpeedSettings(prompt_tokens=64, decode_tokens=16, repeats=3)  # seconds, not minutes
 
 
 @st.cache_data(show_spinner="Computing sizes…", max_entries=8)
 def _model_sizes(key: str, _source):
     return sizes.format_sizes(_source, sizes.size_variants())
+
+
+@st.cache_data(show_spinner="Measuring each kernel…", max_entries=4)
+def _speed(key: str, _loaded):
+    results = speed.measure_speed(_loaded.model, _loaded.kind, _loaded.name, settings=SPEED_SETTINGS)
+    return sizes.speed_table(results, _loaded.model)
 
 
 @st.cache_data(show_spinner=False)
@@ -63,3 +71,17 @@ st.caption("Llama-shaped models (hidden 2048/4096/8192, untied embeddings and he
            "are approximate, the arithmetic on them exact.")
 st.dataframe(reference, hide_index=True, width="stretch")
 download_table(reference, "size_reference_models")
+
+st.subheader("Measured on this machine")
+st.write("The sizes above are computed. Here real kernels run: on a CPU, PyTorch's int8 GEMMs (dynamic "
+         "quantization of the linear layers) against fp32 and bf16; on a GPU, torchao's INT4 and FP8 kernels "
+         "against bf16. Latency per token and memory are **measured**, labelled with the device.")
+if loaded is None:
+    st.info("Measuring speed needs a model that runs; choose one in the sidebar.")
+elif st.button("Measure speed and memory", key="size_speed"):
+    with user_errors():
+        st.session_state["size_speed_result"] = results_key(), _speed(results_key(), loaded)
+if loaded is not None and st.session_state.get("size_speed_result", (None,))[0] == results_key():
+    measured = st.session_state["size_speed_result"][1]
+    st.dataframe(measured, hide_index=True, width="stretch")
+    download_table(measured, "size_measured_speed")

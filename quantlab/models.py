@@ -94,17 +94,23 @@ def resolve_source(source: str | Path | None) -> str:
     return str(folders.get(name, source))
 
 
+def _bundled_name(source: str | Path | None) -> str | None:
+    """The bundled model a source points at (by name or by any path to its folder), else None."""
+    path = Path(resolve_source(source)).expanduser()
+    if not path.is_dir():
+        return None
+    return next((name for name, folder in _bundled_folders().items() if path.resolve() == folder.resolve()), None)
+
+
 def is_bundled(source: str | Path | None) -> bool:
-    resolved = Path(resolve_source(source))
-    return any(resolved == folder for folder in _bundled_folders().values())
+    return _bundled_name(source) is not None
 
 
 def display_name(source: str | Path | None) -> str:
     """What to call a source on screen: the bundled name, the hub id or the folder's name."""
     resolved = resolve_source(source)
-    for name, folder in _bundled_folders().items():
-        if Path(resolved) == folder:
-            return name
+    if (bundled := _bundled_name(resolved)) is not None:
+        return bundled
     return Path(resolved).name if Path(resolved).exists() else resolved
 
 

@@ -6,6 +6,7 @@ no exception reached the page, and checks what the page shows against numbers co
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
+from pages.common import SessionFolder
 from quantlab import models
 from quantlab.algorithms.base import CalibConfig
 from quantlab.analysis import sizes
@@ -155,6 +157,18 @@ def test_outliers_page_reads_an_uploaded_safetensors_file(tmp_path):
     assert not at.exception
     top = at.dataframe[0].value
     assert top.iloc[0]["layer"] == "model.layers.0.mlp.down_proj.weight" and top.iloc[0]["channel"] == 5
+    # The upload lives in this session's folder under a content hash, never under the name it came with.
+    stored = Path(at.session_state["_model_choice"].weights_path)
+    assert stored.parent == at.session_state["_quantlab_session_folder"].path and stored.name != "w.safetensors"
+
+
+def test_session_folder_is_removed_with_its_session():
+    folder = SessionFolder()
+    path = folder.path
+    (path / "upload.bin").write_bytes(b"weights")
+    del folder  # what happens to a session's state when the session ends
+    gc.collect()
+    assert not path.exists()
 
 
 def test_a_bad_upload_gives_a_message_not_a_traceback():

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "quantlab", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=120)
+                          env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

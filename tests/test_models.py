@@ -34,7 +34,8 @@ def test_resolve_source_maps_bundled_names_and_leaves_others():
     assert (pathlib.Path(resolve_source(BUNDLED_ENCODER)) / "config.json").is_file()
     assert resolve_source("gpt2") == "gpt2"
     assert is_bundled(None) and is_bundled(BUNDLED_ENCODER) and is_bundled(lm_folder)
-    assert not is_bundled("gpt2")
+    assert is_bundled(lm_folder.parent / ".." / "models" / BUNDLED_LM)
+    assert not is_bundled("gpt2") and not is_bundled(lm_folder.parent)
 
 
 def test_bundled_lm_loads_offline_and_predicts(bundled_lm, monkeypatch):

@@ -133,7 +133,18 @@ def test_fake_quantize_equals_the_reference_and_dequantize_of_quantize(name):
     out = fake_quantize(x, fmt)
     assert torch.equal(out, reference_fake(x, fmt, qparams))
     assert torch.equal(out, dequantize(quantize(x, fmt)))
-    assert (out - x).abs().max() <= qparams.scale.float().max() * (0.5 if fmt.kind == "int" else 0.25)
+    error, bound = (out - x).abs(), error_bound(x, fmt, qparams)
+    inside = ~clipped_mask(x, fmt, qparams)
+    # Asymmetric min-max may clip an end by the rounding of its zero-point and of the stored scale.
+    assert (error[inside] <= bound[inside]).all() and (error <= 2 * bound).all()
+
+
+def error_bound(x: torch.Tensor, fmt: QuantFormat, qparams) -> torch.Tensor:
+    """Half a grid step at each value of ``x`` (for values inside the range), in ``x``'s shape."""
+    scale = qparams.scale.float().expand_as(to_blocks(x, fmt)).reshape(x.shape)
+    if fmt.kind in FP8_DTYPES:  # >= 2 mantissa bits: half a step is <= 1/8 relative, plus the subnormal steps
+        return x.abs() / 8 + scale / 64
+    return scale * (0.5 if fmt.kind == "int" else 0.16)  # NF4's widest gap is 0.304 (-1 to -0.696) times s
 
 
 # --- idempotence ----------------------------------------------------------------------------------------
@@ -178,11 +189,10 @@ def test_all_zero_tensor_gives_zeros_without_nan(name):
 def test_constant_and_zero_rows_stay_within_half_a_step(name):
     fmt = QuantFormat.parse(name)
     x = torch.stack([torch.full((32,), 0.3), torch.full((32,), -2.0), torch.zeros(32), weights(1, 32)[0]])
-    out = fake_quantize(x, fmt)
-    scale = choose_qparams(x, fmt).scale.float()
+    qparams = choose_qparams(x, fmt)
+    out = fake_quantize(x, fmt, qparams)
     assert torch.isfinite(out).all() and torch.equal(out[2], torch.zeros(32))
-    step = scale.max() if fmt.kind == "int" else scale.max() * 0.25  # NF4 / FP8 levels are <= 1/4 apart near the top
-    assert ((out - x).abs()[:2] <= step).all()
+    assert ((out - x).abs() <= error_bound(x, fmt, qparams) * (1.001 if fmt.symmetric else 2)).all()
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -276,16 +286,16 @@ def test_error_is_at_most_half_a_step_inside_the_range_and_values_lie_on_the_gri
 # --- range methods --------------------------------------------------------------------------------------
 def test_percentile_and_mse_clip_heavy_tails_for_lower_error_than_min_max():
     torch.manual_seed(0)
-    x = torch.distributions.StudentT(2.0).sample((32, 256))  # heavy tails: a few huge values per row
-    reports = {method: error_report(x, QuantFormat.parse("int4", range_method=method, percentile=99.0))
+    x = torch.distributions.StudentT(3.0).sample((32, 256))  # heavy tails: a few large values per row
+    reports = {method: error_report(x, QuantFormat.parse("int3", range_method=method, percentile=99.0))
                for method in ("minmax", "percentile", "mse")}
     assert reports["minmax"].clipped_fraction == 0.0 and reports["minmax"].clipping_mse == 0.0
     for method in ("percentile", "mse"):
         report = reports[method]
         assert 0.0 < report.clipped_fraction < 0.05 and report.clipping_mse > 0.0
-        assert report.mse < 0.8 * reports["minmax"].mse
+        assert report.mse < 0.7 * reports["minmax"].mse
         assert report.clipping_mse + report.rounding_mse == pytest.approx(report.mse)
-    ratios = choose_qparams(x, QuantFormat.parse("int4", range_method="mse")).clip_ratio
+    ratios = choose_qparams(x, QuantFormat.parse("int3", range_method="mse")).clip_ratio
     assert ratios.min() < 1.0 and ratios.max() <= 1.0
 
 

@@ -9,12 +9,14 @@ search can only improve on RTN on the calibration tokens. Then each quantization
 ratio (1.0 down to ``1 - max_shrink``) is searched to minimise that block's share of the output.
 
 What the search minimises: the sum over the group's linears of their relative output error
-``||X Wᵀ - X Ŵᵀ||² / ||X Wᵀ||²`` on the calibration inputs, with ``Ŵ = Q(W·s)/s``. The reference
-measures the output of the parent module instead (the whole attention for q/k/v, the MLP for
-gate/up), which also weighs how errors travel through the softmax and the gated product; the
-linears' own outputs need no attention masks or position embeddings, cost one matmul per linear,
-and are the quantity the issue asks for. Like the reference, the clip search skips q and k, whose
-errors are read through the softmax of qkᵀ, where a per-linear output error is a poor proxy.
+``||X Wᵀ - X Ŵᵀ||² / ||X Wᵀ||²`` on the calibration inputs, with ``Ŵ = Q(W·s)/s``, computed as
+``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` from the H = 2XᵀX/n the runner accumulates anyway: every
+calibration token counts, at a cost of (out · in²) per evaluation and no stored activations.
+The reference measures the output of the parent module instead (the whole attention for q/k/v,
+the MLP for gate/up), which also weighs how errors travel through the softmax and the gated
+product; the linears' own outputs need no attention masks or position embeddings and are the
+quantity the issue asks for. Like the reference, the clip search skips q and k, whose errors are
+read through the softmax of qkᵀ, where a per-linear output error is a poor proxy.
 
 Search is separate from apply: ``search_scales`` and ``search_clip`` return data
 (``ScaleSearch``, ``ClipSearch``); ``process_block`` folds, clips and quantizes with them and puts
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quantlab.algorithms.base import output_error
 from quantlab.algorithms.rtn import rtn_quantize
 from quantlab.algorithms.scaling import (
     MIN_SCALE, ScaleGroup, finish_scaled_linear, fold_scales, scale_groups, shared_inputs,
@@ -44,10 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCALE_SEARCH_TOKENS = 1024  # token rows the alpha search evaluates (evenly spaced over the set)
-CLIP_SEARCH_TOKENS = 512  # the reference's n_sample_token for the clip search
 CLIP_SKIP_ROLES = ("q", "k")  # read through softmax(qkᵀ): see the module docstring
-_EINSUM_CHUNK = 1 << 24  # elements of the (tokens, rows, groups) clip-error tensor per chunk
 
 
 @dataclass(frozen=True)
@@ -88,39 +88,27 @@ class ClipSearch:
                 "clip_loss_before": self.loss_before, "clip_loss_after": self.loss_after}
 
 
-def sample_rows(inputs: list[torch.Tensor], n_rows: int) -> torch.Tensor:
-    """At most ``n_rows`` token rows, evenly spaced over every calibration batch, as fp32 (n, in)."""
-    rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
-    if rows.shape[0] <= n_rows:
-        return rows
-    return rows[torch.linspace(0, rows.shape[0] - 1, n_rows).round().long()]
-
-
 def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     """``mean|x|^α``, normalised so that max·min = 1 (the reference's choice: s stays near 1)."""
     s = mean_abs.float().clamp(min=MIN_SCALE).pow(alpha)
     return s / (s.max() * s.min()).sqrt()
 
 
-def _relative_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
-    reference = X @ W.t()  # (n, out)
-    return ((X @ W_hat.t() - reference).pow(2).sum() / reference.pow(2).sum().clamp(min=1e-30)).item()
-
-
-def search_scales(group: ScaleGroup, X: torch.Tensor, mean_abs: torch.Tensor, weights: dict[str, torch.Tensor],
-                  fmt: QuantFormat, n_grid: int) -> ScaleSearch:
+def search_scales(group: ScaleGroup, mean_abs: torch.Tensor, hessian: torch.Tensor,
+                  weights: dict[str, torch.Tensor], fmt: QuantFormat, n_grid: int) -> ScaleSearch:
     """The alpha in ``i / n_grid`` whose scales give the group the least summed relative error.
 
-    ``X`` (n, in) are (a sample of) the group's inputs as the linears see them now, ``mean_abs``
-    their mean |x| per channel, ``weights`` the linears' (out, in) matrices. Nothing is modified.
+    ``mean_abs`` (in,) and ``hessian`` (in, in, any multiple of XᵀX) describe the group's inputs
+    as the linears see them now; ``weights`` are the linears' (out, in) matrices. Nothing is
+    modified.
     """
     alphas = tuple(i / n_grid for i in range(n_grid))
     losses: dict[str, list[float]] = {name: [] for name in weights}
     for alpha in alphas:
-        s = awq_scales(mean_abs, alpha)
+        s = awq_scales(mean_abs, alpha)  # (in,)
         for name, W in weights.items():
-            W_hat = fake_quantize(W.float() * s, fmt) / s  # (out, in)
-            losses[name].append(_relative_error(X, W.float(), W_hat))
+            W_hat = fake_quantize(W.float() * s, fmt) / s  # (out, in), as applied to the unscaled X
+            losses[name].append(output_error(W, W_hat, hessian))
     total = [sum(values) for values in zip(*losses.values())]
     best = min(range(n_grid), key=total.__getitem__)
     return ScaleSearch(group, alphas, {k: tuple(v) for k, v in losses.items()}, alphas[best],
@@ -139,36 +127,48 @@ def clip_weight(W: torch.Tensor, fmt: QuantFormat, ratios: torch.Tensor) -> torc
     return clipped.reshape(W.shape).to(W.dtype)
 
 
-def _block_output_error(Xg: torch.Tensor, dW: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """Squared output error of each (row, group) block's partial product, in block shape."""
-    out_rows = dW.shape[0]
-    dWg = dW.reshape(out_rows, Xg.shape[1], Xg.shape[2])  # (out, G, g)
-    chunk = max(1, _EINSUM_CHUNK // (Xg.shape[0] * Xg.shape[1]))
-    err = torch.cat([
-        torch.einsum("ngk,ogk->nog", Xg, dWg[i : i + chunk]).pow(2).sum(dim=0)  # (chunk, G)
-        for i in range(0, out_rows, chunk)
-    ]).unsqueeze(-1)  # (out, G, 1)
+def _diagonal_blocks(hessian: torch.Tensor, group: int) -> torch.Tensor:
+    """The (G, g, g) diagonal blocks of an (in, in) matrix: each group's inputs with themselves."""
+    n_groups = hessian.shape[0] // group
+    return hessian.reshape(n_groups, group, n_groups, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _block_output_error(delta: torch.Tensor, h_blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Each block's output error ||X_g ΔW_gᵀ||² = ΔW_g H_gg ΔW_gᵀ, in the format's block shape."""
+    n_groups, group = h_blocks.shape[0], h_blocks.shape[1]
+    dW = delta.reshape(delta.shape[0], n_groups, group)  # (out, G, g)
+    err = torch.einsum("ogk,gkl,ogl->og", dW, h_blocks, dW).unsqueeze(-1)  # (out, G, 1)
     return err.sum().reshape(1, 1, 1) if fmt.granularity.kind == "tensor" else err
 
 
-def search_clip(X: torch.Tensor, W: torch.Tensor, fmt: QuantFormat, params: AWQParams) -> ClipSearch:
-    """Per block, the ratio in 1, 1 - 1/clip_grid, ... >= 1 - max_shrink with the least output error."""
+def search_clip(W: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, params: AWQParams) -> ClipSearch:
+    """Per block, the ratio in 1, 1 - 1/clip_grid, ... >= 1 - max_shrink with the least output error.
+
+    As in the reference, each block is judged by its own share of the output (its partial dot
+    products over the calibration tokens), computed from the diagonal blocks of ``hessian``.
+    """
     fmt = replace(fmt, range_method="minmax")  # the clamp sets the range; no second search on top
     W = W.float()
     group = fmt.granularity.group_size if fmt.granularity.kind == "group" else W.shape[1]
-    Xg = X.reshape(X.shape[0], -1, group)  # (n, G, g)
+    h_blocks = _diagonal_blocks(hessian, group)  # (G, g, g)
     n_ratios = math.floor(params.clip_grid * params.max_shrink + 1e-9) + 1  # eps: 0.7 * 20 = 13.999...
     ones = torch.ones_like(to_blocks(W, fmt)[..., :1])  # (rows, groups, 1)
-    best_ratio, best_err = ones, _block_output_error(Xg, fake_quantize(W, fmt) - W, fmt)
+    best_ratio, best_err = ones, _block_output_error(fake_quantize(W, fmt) - W, h_blocks, fmt)
     for i in range(1, n_ratios):
         ratios = ones * (1 - i / params.clip_grid)
-        err = _block_output_error(Xg, fake_quantize(clip_weight(W, fmt, ratios), fmt) - W, fmt)
+        err = _block_output_error(fake_quantize(clip_weight(W, fmt, ratios), fmt) - W, h_blocks, fmt)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, ratios, best_ratio)
-    before = _relative_error(X, W, fake_quantize(W, fmt))
-    after = _relative_error(X, W, fake_quantize(clip_weight(W, fmt, best_ratio), fmt))
+    before = output_error(W, fake_quantize(W, fmt), hessian)
+    after = output_error(W, fake_quantize(clip_weight(W, fmt, best_ratio), fmt), hessian)
     return ClipSearch(best_ratio, before, after)
+
+
+def scaled_hessian(hessian: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """H of the inputs ``X / s``: diag(1/s) H diag(1/s)."""
+    inv = 1.0 / scales.float()
+    return hessian * inv.unsqueeze(1) * inv.unsqueeze(0)
 
 
 def search_block_scales(ctx: BlockContext, inputs: dict) -> list[ScaleSearch]:
@@ -176,42 +176,49 @@ def search_block_scales(ctx: BlockContext, inputs: dict) -> list[ScaleSearch]:
     groups = scale_groups(ctx.block, ctx.spec, list(ctx.linears), shared_inputs(inputs))
     searches = []
     for group in groups:
-        X = sample_rows(inputs[group.linears[0]].inputs, SCALE_SEARCH_TOKENS)  # (n, in)
+        seen = inputs[group.linears[0]]  # H and statistics over every calibration token
         weights = {name: ctx.weight(name) for name in group.linears}
-        mean_abs = inputs[group.linears[0]].stats.mean_abs.to(X.device)  # over every calibration token
-        search = search_scales(group, X, mean_abs, weights, ctx.config.weight_format, ctx.config.awq.n_grid)
+        mean_abs = seen.stats.mean_abs.to(seen.hessian.device)
+        search = search_scales(group, mean_abs, seen.hessian, weights, ctx.config.weight_format, ctx.config.awq.n_grid)
         fold_scales(ctx.block, group, search.scales)
         searches.append(search)
-        log.debug("AWQ %s%s: alpha %.2f, loss %.3g -> %.3g", ctx.prefix, group.name, search.best_alpha,
+        log.debug("AWQ %s.%s: alpha %.2f, loss %.3g -> %.3g", ctx.prefix, group.name, search.best_alpha,
                   search.total_losses[0], min(search.total_losses))
     return searches
 
 
-def _clip_and_quantize(ctx: BlockContext, name: str, X: torch.Tensor) -> tuple[Quantized, float, dict]:
-    """Clip search (unless off, or q/k), then RTN of the scaled weight: (codes, clipped share, data)."""
+def _clip_and_quantize(ctx: BlockContext, name: str, hessian: torch.Tensor) -> tuple[Quantized, float, dict]:
+    """Clip search (unless off, or q/k), then RTN of the scaled weight: (codes, clipped share, data).
+
+    ``hessian`` is that of the inputs the scaled layer sees, X / s.
+    """
     W = ctx.weight(name)  # (out, in), already multiplied by s
     fmt = ctx.config.weight_format
     if not ctx.config.awq.clip_search or ctx.linears[name].role in CLIP_SKIP_ROLES:
         result = rtn_quantize(W, fmt)
         return result.quantized, result.clipped_fraction, {}
-    clip = search_clip(X, W, fmt, ctx.config.awq)
+    clip = search_clip(W, hessian, fmt, ctx.config.awq)
     clipped = clip_weight(W, fmt, clip.ratios)
     fmt = replace(fmt, range_method="minmax")  # the searched clamp replaces the format's own range choice
     return rtn_quantize(clipped, fmt).quantized, (clipped != W).float().mean().item(), clip.summary()
 
 
 def process_block(ctx: BlockContext) -> list[LayerResult]:
-    """AWQ on one block: search and fold the scales, search the clipping, quantize every linear."""
+    """AWQ on one block: search and fold the scales, search the clipping, quantize every linear.
+
+    The losses come from each input's H = 2XᵀX/n (``output_error``), so every calibration token
+    counts and the raw inputs are kept only when static activation scales need them.
+    """
     start = time.perf_counter()
-    inputs = ctx.collect(keep_inputs=True)
+    inputs = ctx.collect(keep_inputs=ctx.needs_raw_inputs)
     searches = search_block_scales(ctx, inputs)
     search_of = {name: search for search in searches for name in search.group.linears}
     search_seconds = (time.perf_counter() - start) / max(1, len(ctx.linears))
     results, clips = [], {}
     for name in ctx.linears:  # block order
         start, search = time.perf_counter(), search_of[name]
-        X = sample_rows(inputs[name].inputs, CLIP_SEARCH_TOKENS) / search.scales  # what the scaled layer sees
-        quantized, clipped_fraction, clips[name] = _clip_and_quantize(ctx, name, X)
+        hessian = scaled_hessian(inputs[name].hessian, search.scales)
+        quantized, clipped_fraction, clips[name] = _clip_and_quantize(ctx, name, hessian)
         extra = {"awq_group": search.group.name, "folded": search.group.folded, "alpha": search.best_alpha,
                  **clips[name]}
         results.append(finish_scaled_linear(

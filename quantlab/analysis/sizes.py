@@ -12,6 +12,7 @@ from quantlab.architectures import find_linears
 from quantlab.errors import FormatError
 from quantlab.formats import QuantFormat
 from quantlab.sizing import REFERENCE_MODELS, ModelSize, model_size, reference_size
+from quantlab.speed import SpeedResult, ratios, theoretical_bytes
 from quantlab.weightfiles import TensorListing
 
 SIZE_FORMATS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int4", "int3-g128", "fp8-e4m3", "nf4-g64")
@@ -88,3 +89,15 @@ def model_summary(model: nn.Module, kind: str) -> dict:
         "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device),
     }
+
+
+def speed_table(results: Sequence[SpeedResult], model: nn.Module) -> pd.DataFrame:
+    """Measured latency and memory of each kernel variant next to QuantLab's computed size of it."""
+    relative = ratios(list(results))
+    return pd.DataFrame([{
+        "variant": r.variant, "device": r.device, "backend": r.backend, "label": r.label,
+        "prefill_ms_per_token": r.prefill_ms_per_token, "decode_ms_per_token": r.decode_ms_per_token,
+        "prefill_vs_baseline": relative[r.variant]["prefill"], "decode_vs_baseline": relative[r.variant]["decode"],
+        "measured_memory_mib": r.resident_bytes / 2**20, "tensor_mib": r.tensor_bytes / 2**20,
+        "computed_mib": theoretical_bytes(model, r.variant) / 2**20,
+    } for r in results])

@@ -1,0 +1,135 @@
+"""The app's data layer (quantlab.analysis) on small hand-checked cases; no model needed but for one test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from quantlab import plots
+from quantlab.analysis import outliers, runs, sizes, tensors
+from quantlab.errors import FormatError
+from quantlab.formats import QuantFormat
+
+
+def test_quantize_vector_matches_the_hand_computation():
+    # absmax 1.0, INT4 symmetric: s = 1/7 (fp16: 0.14282); 0.5/s = 3.5009 -> 4, 0.7/s = 4.901 -> 5.
+    result = tensors.quantize_vector([0.0, 0.5, -1.0, 0.7], QuantFormat.parse("int4-per-tensor"))
+    assert result.table["code"].tolist() == [0, 4, -7, 5]
+    assert result.table["scale"].iloc[0] == pytest.approx(torch.tensor(1 / 7).half().item())
+    assert not result.table["clipped"].any()
+    assert len(result.levels) == 15 and result.levels[7] == 0  # codes -7..7
+
+
+def test_asymmetric_groups_get_their_own_zero_points():
+    result = tensors.quantize_vector([0.12, -0.53, 0.91, -0.07], QuantFormat.parse("int4-g2-asym"))
+    # group 0: range [-0.53, 0.12] -> s = 0.65/15, z = round(0.53 / s) = 12
+    assert result.groups["zero_point"].tolist()[0] == 12
+    assert (result.table["dequantized"] - result.table["value"]).abs().max() <= result.table["scale"].max() / 2 + 1e-6
+
+
+def test_with_outlier_keeps_the_length_and_multiplies_the_peak():
+    values = tensors.with_outlier([0.5, -2.0, 1.0, 0.25])
+    assert len(values) == 4 and values[2] == 20.0
+    with pytest.raises(FormatError):
+        tensors.with_outlier([])
+
+
+def test_histogram_counts_every_finite_value():
+    values = torch.tensor([0.0, 1.0, 1.0, 2.0, float("nan")])
+    hist = tensors.histogram(values, bins=2)
+    assert hist["count"].sum() == 4 and hist["count"].tolist() == [1, 3]
+
+
+def test_clipping_sweep_minimum_is_no_worse_than_min_max():
+    W = torch.distributions.Laplace(0.0, 1.0).sample((64, 128))  # heavy tails: clipping pays off
+    sweep = tensors.clipping_sweep(W, QuantFormat.parse("int3-g64"))
+    best = tensors.best_ratio(sweep)
+    no_clip = sweep[sweep["clip_ratio"] == 1.0].iloc[0]
+    assert best["mse"] <= no_clip["mse"] and best["clip_ratio"] < 1.0
+    assert no_clip["clipped_fraction"] == 0 and no_clip["clipping_mse"] == 0
+    assert np.allclose(sweep["mse"], sweep["rounding_mse"] + sweep["clipping_mse"])
+
+
+def test_range_method_table_orders_min_max_percentile_mse():
+    W = torch.randn(32, 256)
+    table = tensors.range_method_table(W, QuantFormat.parse("int4-g128", range_method="percentile", percentile=99.0))
+    assert table["range_method"].tolist() == ["minmax", "percentile 99", "mse"]
+    assert table["clipped_fraction"].iloc[1] > 0 and table["mse"].iloc[2] <= table["mse"].iloc[0]
+
+
+def test_weight_views_overlay_the_grid_of_the_largest_block():
+    W = torch.randn(16, 64)
+    W[3, 40] = 25.0
+    views = tensors.weight_views(W, QuantFormat.parse("int4-g32"))
+    assert views.block == (3, 1)  # row 3, second group of 32 holds the planted value
+    assert views.levels.max() == pytest.approx(25.0, rel=1e-3)
+    assert views.summary["bits_per_weight"] == pytest.approx(4.5)
+
+
+def test_file_matrices_skip_embeddings_and_non_matrices():
+    found = tensors.file_matrices({
+        "model.embed_tokens.weight": torch.zeros(10, 4), "model.layers.2.mlp.up_proj.weight": torch.zeros(8, 4),
+        "model.layers.2.input_layernorm.weight": torch.zeros(4), "codes": torch.zeros(8, 4, dtype=torch.int8),
+    })
+    assert [(m.name, m.block, m.role) for m in found] == [("model.layers.2.mlp.up_proj.weight", 2, "up")]
+
+
+def test_format_sizes_report_formats_that_do_not_fit():
+    from quantlab.weightfiles import TensorInfo, TensorListing
+
+    listing = TensorListing.of([TensorInfo("layers.0.proj.weight", (64, 96), "float32", 64 * 96 * 4)])
+    table = sizes.format_sizes(listing, [QuantFormat.parse("int4-g32"), QuantFormat.parse("int4-g64")])
+    assert table["bits_per_weight"].iloc[0] == pytest.approx(4.5)
+    assert "does not divide" in table["note"].iloc[1]
+
+
+def test_reference_sizes_reproduce_the_7b_rule_of_thumb():
+    table = sizes.reference_sizes([QuantFormat.parse("int4-g128")])
+    seven_b = table[table["model"] == "7B"].iloc[0]
+    assert seven_b["weight_bytes"] == seven_b["quantized_params"] // 2  # 4 bits each
+    assert seven_b["scale_bytes"] == seven_b["quantized_params"] // 128 * 2  # one fp16 scale per 128
+    assert seven_b["bits_per_weight"] == pytest.approx(4.125)
+
+
+def test_outlier_views_find_a_planted_channel():
+    W = torch.randn(32, 64) * 0.02
+    W[:, 17] *= 50
+    matrix = tensors.NamedMatrix("blocks.0.fc.weight", 0, "fc", W)
+    vectors = outliers.channel_vectors([matrix], "input")
+    top = outliers.top_outliers(vectors, k=3)
+    assert top.iloc[0]["channel"] == 17 and top.iloc[0]["ratio_to_median"] > 10
+    z, labels = outliers.heatmap_matrix({"a": np.ones(3), "b": np.ones(5)})
+    assert z.shape == (2, 5) and np.isnan(z[0, 3:]).all()
+    assert outliers.excess_kurtosis(W) > outliers.excess_kurtosis(torch.randn(32, 64)) + 5
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    table = pd.DataFrame({"bits": [16, 8, 4, 4, 3], "ppl": [10.0, 10.1, 11.0, 12.0, 15.0]})
+    assert runs.pareto_front(table, "bits", "ppl").tolist() == [True, True, True, False, True]
+    fidelity = pd.DataFrame({"bits": [16, 8, 8], "fid": [1.0, 0.99, 0.95]})
+    assert runs.pareto_front(fidelity, "bits", "fid", lower_y_is_better=False).tolist() == [True, True, False]
+
+
+def test_layer_sensitivity_leaves_the_model_untouched(tiny_model_dirs):
+    from quantlab.evaluation import EvalConfig
+    from quantlab.models import load_model
+    from quantlab.pipeline import QuantSession
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    before = {name: p.clone() for name, p in loaded.model.state_dict().items()}
+    session = QuantSession(loaded, "def f(x):\n    return x + 1\n" * 200, EvalConfig(ctx=64, max_tokens=512))
+    table = runs.layer_sensitivity(session, QuantFormat.parse("int2-g32"), roles=["down"])
+    assert len(table) == len([m for m in tensors.model_matrices(loaded.model) if m.role == "down"])
+    assert (table["kl_divergence"] > 0).all()
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_figures_are_built_from_analysis_tables():
+    result = tensors.quantize_vector([0.1, -0.4, 2.0, 0.3], QuantFormat.parse("int3-per-tensor"))
+    assert len(plots.vector_figure(result).data) >= 2
+    sweep = tensors.clipping_sweep(torch.randn(8, 32), QuantFormat.parse("int4"))
+    figure = plots.clipping_figure(sweep, tensors.best_ratio(sweep))
+    assert {trace.name for trace in figure.data} >= {"total MSE", "minimum"}

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
-from quantlab.evaluation import lm_eval_rolling, load_text, matching_config, perplexity
-from quantlab.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from quantlab.evaluation import (  # noqa: E402  (after the path setup)
+    lm_eval_rolling, load_text, matching_config, perplexity,
+)
+from quantlab.models import load_model  # noqa: E402
 
 
 def _timed(fn):

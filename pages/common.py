@@ -11,7 +11,10 @@ import hashlib
 import json
 import shutil
 import tempfile
+import threading
 import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +280,38 @@ def run_settings(key: str) -> RunSettings:
     return RunSettings(int(samples), int(length), int(tokens))
 
 
+class ResultStore:
+    """A bounded memo shared by every session, for long work that reports progress as it goes.
+
+    ``st.cache_data`` cannot hold such work: it records and replays the elements a cached function
+    touches, and a progress bar drawn from inside belongs to the page that called it. Entries are
+    evicted least recently used first; two sessions asking for the same missing entry at once may
+    both compute it (each gets a correct result, one of them is kept).
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, compute: Callable):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()  # outside the lock: other sessions keep reading while this one works
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+        return value
+
+
+@st.cache_resource(show_spinner=False)
+def result_store(name: str, max_entries: int) -> ResultStore:
+    return ResultStore(max_entries)
+
+
 @st.cache_resource(max_entries=4, show_spinner=False)
 def quality_session(model_key: str, eval_tokens: int, _loaded: models.LoadedModel) -> QuantSession:
     """The evaluation text and full-precision reference for one model, shared by every run on it."""
@@ -290,16 +325,16 @@ def _quantize(model_key: str, config_name: str, settings: RunSettings, loaded, p
     return quantize_model(loaded, config, progress, session=session)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def cached_run(model_key: str, config_name: str, settings: RunSettings, _loaded, _progress=None) -> RunResult:
-    """One configuration's results; the quantized model is dropped (results are small, models are not)."""
-    return _quantize(model_key, config_name, settings, _loaded, _progress)[1]
+def cached_run(model_key: str, config_name: str, settings: RunSettings, loaded, progress=None) -> RunResult:
+    """One configuration's results, kept without the quantized model (results are small, models are not)."""
+    return result_store("runs", 64).get(
+        (model_key, config_name, settings), lambda: _quantize(model_key, config_name, settings, loaded, progress)[1])
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def cached_quantized(model_key: str, config_name: str, settings: RunSettings, _loaded, _progress=None) -> tuple:
-    """(quantized model, RunResult), kept for generation on the Compare page and shared read-only."""
-    return _quantize(model_key, config_name, settings, _loaded, _progress)
+def cached_quantized(model_key: str, config_name: str, settings: RunSettings, loaded, progress=None) -> tuple:
+    """(quantized model, RunResult), kept for generation and export on the Compare page; shared read-only."""
+    return result_store("quantized models", 4).get(
+        (model_key, config_name, settings), lambda: _quantize(model_key, config_name, settings, loaded, progress))
 
 
 # --- progress ----------------------------------------------------------------------------------

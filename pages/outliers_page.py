@@ -3,8 +3,8 @@
 import streamlit as st
 
 from pages.common import (
-    current_matrices, current_model, download_table, explain, matrix_picker, progress_callback, results_key,
-    user_errors,
+    current_matrices, current_model, download_table, explain, matrix_picker, progress_callback, result_store,
+    results_key, user_errors,
 )
 from quantlab import plots
 from quantlab.algorithms.base import CalibConfig
@@ -13,9 +13,10 @@ from quantlab.analysis import outliers
 CALIB_SAMPLES, CALIB_LEN = 8, 128  # a quick pass: channel maxima settle within a few thousand tokens
 
 
-@st.cache_data(show_spinner=False, max_entries=4)
-def _activation_stats(key: str, n_samples: int, seq_len: int, _loaded, _progress=None):
-    return outliers.activation_stats(_loaded, CalibConfig(n_samples=n_samples, seq_len=seq_len), _progress)
+def _activation_stats(key: str, loaded, progress):
+    calib = CalibConfig(n_samples=CALIB_SAMPLES, seq_len=CALIB_LEN)
+    store = result_store("activation stats", 4)
+    return store.get((key, calib), lambda: outliers.activation_stats(loaded, calib, progress))
 
 
 st.title("Outliers")
@@ -30,12 +31,12 @@ if loaded is None:
 elif st.toggle("Include activations (runs a calibration pass)", key="o_acts", value=True):
     explain("calibration")
     with user_errors(), st.status("Calibration pass: recording every linear's inputs…", expanded=False) as status:
-        stats = _activation_stats(results_key(), CALIB_SAMPLES, CALIB_LEN, loaded, progress_callback(status))
+        stats = _activation_stats(results_key(), loaded, progress_callback(status))
         status.update(label=f"Calibration: {CALIB_SAMPLES} x {CALIB_LEN} tokens of the bundled training text",
                       state="complete")
 
 left, right = st.columns(2)
-source = left.radio("Show", ("weights", "activations") if stats else ("weights",), horizontal=True, key="o_source")
+source = left.radio("Show", ("activations", "weights") if stats else ("weights",), horizontal=True, key="o_source")
 axis = right.radio("Channels", ("input", "output") if source == "weights" else ("input",), horizontal=True,
                    key="o_axis", help="Input channels are a weight's columns (what an activation channel multiplies); "
                                       "output channels its rows.")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from pages.common import (
     cached_run, current_model, download_json, download_table, explain, progress_callback, quality_session,
-    results_key, run_settings, user_errors,
+    result_store, results_key, run_settings, user_errors,
 )
 from quantlab import plots, records
 from quantlab.analysis import runs as run_tables
@@ -25,9 +25,10 @@ def _open_record(data: bytes, name: str) -> records.RunRecord:
     return records.record_from_dict(document, name)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def _sensitivity(key: str, fmt_name: str, eval_tokens: int, roles: tuple, _session, _progress=None):
-    return run_tables.layer_sensitivity(_session, QuantFormat.parse(fmt_name), list(roles), _progress)
+def _sensitivity(key: str, fmt_name: str, eval_tokens: int, roles: tuple, session, progress):
+    return result_store("sensitivity", 16).get(
+        (key, fmt_name, eval_tokens, roles),
+        lambda: run_tables.layer_sensitivity(session, QuantFormat.parse(fmt_name), list(roles), progress))
 
 
 st.title("Quality vs bits")

@@ -42,16 +42,16 @@ if choice is None:
 loaded = current_model()
 with user_errors():
     source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
-    sizes = _variant(_model_sizes(results_key(), source))
+    model_sizes = _variant(_model_sizes(results_key(), source))
 
 st.subheader(f"This model: {loaded.name if loaded is not None else 'uploaded weights'}")
-fitting = sizes[sizes["note"] == ""]
+fitting = model_sizes[model_sizes["note"] == ""]
 st.plotly_chart(plots.bar_figure(fitting, "format", "bits_per_weight", "Bits per weight, overhead included",
                                  color="variant"), key="size_bits")
 st.caption("Layers kept in full precision (embeddings, norms, output head) are counted in every total at their "
            "stored size: in a small model they are most of the file.")
-st.dataframe(sizes, hide_index=True, width="stretch")
-download_table(sizes, "size_this_model")
+st.dataframe(model_sizes, hide_index=True, width="stretch")
+download_table(model_sizes, "size_this_model")
 
 st.subheader("The same formats at scale")
 reference = _variant(_reference_sizes())

@@ -4,6 +4,7 @@ Layers (each imports only from the ones above it):
 
     errors, device          error types, device choice
     formats                 QuantFormat / Granularity: number formats and their exact sizes
+    kernels                 elementwise encode/decode, eager or fused with torch.compile
     primitives, packing     quantize / dequantize / fake_quantize; bit-packing of codes
     corpus, architectures   the offline text corpus; where each architecture's linears are
     models                  load a hub id / folder / safetensors file; size accounting

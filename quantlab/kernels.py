@@ -32,7 +32,7 @@ from quantlab.errors import FormatError
 log = logging.getLogger(__name__)
 
 FUSED_MODES = ("never", "auto", "always")
-FUSED_MIN_NUMEL = 1 << 22  # 4.2M values: an 2048x2048 weight and up; compiling pays off from there
+FUSED_MIN_NUMEL = 1 << 22  # 4.2M values: a 2048x2048 weight and up, where compiling pays off
 
 
 def int_codes(blocks, scale, zero_point: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 )
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from quantlab.architectures import ARCHITECTURES, find_linears
 from quantlab.device import resolve_device
@@ -194,8 +195,6 @@ def _validate_folder(folder: Path) -> None:
 
 
 def _load_config(source: str, trust_remote_code: bool, local_files_only: bool):
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                           local_files_only=local_files_only)
@@ -222,7 +221,7 @@ def model_kind(config) -> str:
     return "causal"
 
 
-def _prepare(source: str | Path | None, trust_remote_code: bool) -> tuple[str, bool]:
+def _prepare(source: str | Path | None) -> tuple[str, bool]:
     """The resolved source and whether transformers may download (False: local files only)."""
     resolved = resolve_source(source)
     if _is_local(resolved):
@@ -241,11 +240,9 @@ def _prepare(source: str | Path | None, trust_remote_code: bool) -> tuple[str, b
 def load_model(source: str | Path | None = None, device=None, dtype=torch.float32,
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM or encoder from a bundled name, folder or hub id (default: the bundled LM)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
     torch_dtype = _torch_dtype(dtype)
     target = resolve_device(device if device is None else str(device))
-    resolved, download = _prepare(source, trust_remote_code)
+    resolved, download = _prepare(source)
     config = _load_config(resolved, trust_remote_code, not download)
     kind = model_kind(config)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModel
@@ -269,8 +266,6 @@ def load_model(source: str | Path | None = None, device=None, dtype=torch.float3
 
 
 def _load_tokenizer(source: str, local_files_only: bool):
-    from transformers import AutoTokenizer
-
     folder = Path(source)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         # Without these files transformers builds a tokenizer with only special tokens: worse than none.
@@ -288,9 +283,7 @@ def model_skeleton(source: str | Path | None = None, trust_remote_code: bool = F
 
     Enough for size accounting of any model, however large, without downloading its weights.
     """
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    resolved, download = _prepare(source, trust_remote_code)
+    resolved, download = _prepare(source)
     config = _load_config(resolved, trust_remote_code, not download)
     auto = AutoModelForCausalLM if model_kind(config) == "causal" else AutoModel
     stored = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32

@@ -37,23 +37,29 @@ def _vertical_lines(xs: Sequence[float], y_top: float) -> tuple[list, list]:
 
 
 def vector_figure(vq: VectorQuantization) -> go.Figure:
-    """Each value and where it lands on the grid; clipped values in red, grid levels as lines."""
+    """Each value and where it lands on the grid; clipped values ringed in red, grid levels as grey lines."""
     table = vq.table
-    fig = go.Figure()
     lo, hi = float(min(table["value"].min(), vq.levels.min())), float(max(table["value"].max(), vq.levels.max()))
     levels = vq.levels if len(vq.levels) <= MAX_LEVEL_LINES else vq.levels[(vq.levels >= lo) & (vq.levels <= hi)]
-    for level in levels[:: max(1, len(levels) // MAX_LEVEL_LINES)]:
-        fig.add_hline(y=float(level), line=dict(color="#ced4da", width=1))
+    levels = levels[:: max(1, len(levels) // MAX_LEVEL_LINES)]
     index = np.arange(len(table))
-    fig.add_trace(go.Scatter(x=index, y=table["value"], mode="markers", name="original x",
-                             marker=dict(size=11, color=PALETTE[0])))
-    fig.add_trace(go.Scatter(x=index, y=table["dequantized"], mode="markers", name="dequantized x̂",
-                             marker=dict(size=11, symbol="x", color=PALETTE[1])))
+    # One trace of horizontal segments (None breaks the line): add_hline per level costs ~15 ms each.
+    gx, gy = [], []
+    for level in levels:
+        gx += [-0.5, len(table) - 0.5, None]
+        gy += [float(level), float(level), None]
+    fig = go.Figure([
+        go.Scatter(x=gx, y=gy, mode="lines", name="grid levels", line=dict(color="#ced4da", width=1),
+                   hoverinfo="skip"),
+        go.Scatter(x=index, y=table["value"], mode="markers", name="original x", marker=dict(size=11, color=PALETTE[0])),
+        go.Scatter(x=index, y=table["dequantized"], mode="markers", name="dequantized x̂",
+                   marker=dict(size=11, symbol="x", color=PALETTE[1])),
+    ])
     clipped = table[table["clipped"]]
     if len(clipped):
         fig.add_trace(go.Scatter(x=clipped.index, y=clipped["value"], mode="markers", name="clipped",
                                  marker=dict(size=18, symbol="circle-open", color=PALETTE[4], line=dict(width=2))))
-    return _layout(fig, "Values and the grid of the first group (grey lines)", "value index", "value")
+    return _layout(fig, "Values and the grid of the first group", "value index", "value")
 
 
 def histogram_figure(hist: pd.DataFrame, title: str, x_title: str, levels: np.ndarray | None = None,

@@ -127,13 +127,12 @@ def _qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) ->
         scale = (hi - lo) / (2**fmt.n_bits - 1)
     else:
         scale = hi / _grid_max(fmt)
-    stored = scale.to(fmt.torch_scale_dtype).clamp(min=_MIN_SCALE[fmt.torch_scale_dtype])
-    if not torch.isfinite(stored).all():
+    exact_scale, scale = scale, scale.to(fmt.torch_scale_dtype).clamp(min=_MIN_SCALE[fmt.torch_scale_dtype]).float()
+    if scale.amax().item() == float("inf"):  # scales are >= 0: overflow to +inf is the only way to fail
         raise QuantizationError(
-            f"a scale of {scale.max().item():.4g} overflows {fmt.scale_dtype}; "
+            f"a scale of {exact_scale.amax().item():.4g} overflows {fmt.scale_dtype}; "
             "store scales in bf16 or fp32 (--scale-dtype bf16) for values this large"
         )
-    scale = stored.float()
     if not fmt.has_zero_point:
         return scale, None
     zero_point = torch.round(-lo / scale).clamp(0, 2**fmt.n_bits - 1).to(torch.int32)
@@ -150,9 +149,15 @@ def _grid_max(fmt: QuantFormat) -> float:
 
 
 def _check_finite(lo: torch.Tensor, hi: torch.Tensor) -> None:
-    if torch.isfinite(lo).all() and torch.isfinite(hi).all():
+    """Raise QuantizationError if a block's min (lo) or max (hi) is NaN or infinite."""
+    # One comparison covers both ends (few small ops matter on a busy CPU): hi - lo >= 0 is below
+    # +inf unless an end is NaN or infinite, or a finite range overflows fp32 (then the scale
+    # check of an asymmetric format reports it; a symmetric one does not need hi - lo).
+    if ((hi - lo) < float("inf")).all():
         return
     bad = ~(torch.isfinite(lo) & torch.isfinite(hi))  # (rows, groups, 1)
+    if not bad.any():
+        return
     rows = bad.flatten(1).any(dim=1).nonzero().flatten()
     raise QuantizationError(
         f"tensor has NaN or Inf values in {bad.sum().item()} block(s) (first rows: {rows[:5].tolist()}); "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
+import importlib.util
 import logging
 import platform
 import statistics
@@ -102,6 +103,16 @@ def variants_for(device: torch.device) -> tuple[str, ...]:
     return CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
 
 
+def default_variants(device: torch.device) -> tuple[str, ...]:
+    """The device's variants that can run here: torchao's need the package, FP8 a GPU of capability 8.9+."""
+    if device.type != "cuda":
+        return CPU_VARIANTS
+    if importlib.util.find_spec("torchao") is None:
+        log.warning("torchao is not installed: measuring bf16 only (pip install torchao for int4 and fp8)")
+        return ("bf16",)
+    return CUDA_VARIANTS if torch.cuda.get_device_capability(device) >= (8, 9) else ("bf16", "int4-weight-only")
+
+
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -113,10 +124,13 @@ def measure_speed(model: nn.Module, kind: str, name: str, variants: tuple[str, .
     """Build each variant from a copy of ``model`` and measure it; ``model`` itself is left untouched.
 
     ``kind`` is "causal" (prefill and decode) or "encoder" (prefill only). ``variants`` defaults to
-    every variant of the device (``variants_for``); one not available there raises a FormatError.
+    the device's variants that can run here (``default_variants``); asking for one that cannot
+    raises a FormatError that says why.
     """
+    if kind not in ("causal", "encoder"):
+        raise FormatError(f"model kind must be causal or encoder, got {kind!r}")
     target = resolve_device(None if device is None else str(device))
-    variants = variants or variants_for(target)
+    variants = variants or default_variants(target)
     unknown = [v for v in variants if v not in variants_for(target)]
     if unknown:
         raise FormatError(f"variants {unknown} do not run on {target.type}; choose from {variants_for(target)}")

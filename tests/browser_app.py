@@ -24,6 +24,7 @@ PAGES = (
     ("Outliers", "Outliers"), ("Clipping", "Clipping"), ("Size & scale overhead", "Size & scale overhead"),
     ("Quality vs bits", "Quality vs bits"), ("Compare", "Compare"),
 )
+EXTRA_ARGS: list[str] = []
 SETTLED = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 EXCEPTION = '[data-testid="stException"]'
 
@@ -40,7 +41,7 @@ def streamlit_server(start_timeout: float = 120.0):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1"]
+               "--server.port", str(port), "--server.address", "127.0.0.1", *EXTRA_ARGS]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

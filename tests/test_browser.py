@@ -32,7 +32,7 @@ def test_every_page_renders_without_an_exception(app_url):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = launch(playwright)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page = browser.new_page(viewport={"width": 1440, "height": 2000})
         page.goto(app_url)
         wait_settled(page, "QuantLab")
         for index, (label, title) in enumerate(PAGES):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
 import time
 
 import pytest
 import torch
 from conftest import HIDDEN, build_tiny
+from huggingface_hub import constants
 from safetensors.torch import save_file
 from transformers import GPT2Config
 
@@ -226,6 +228,23 @@ def test_hub_ids_fail_fast_and_helpfully_without_network(monkeypatch):
     with pytest.raises(ModelLoadError, match="quantlab-tests/does-not-exist"):  # unreachable here, unknown online
         load_model("quantlab-tests/does-not-exist-4f9c2")
     assert time.perf_counter() - started < 30
+
+
+def test_cached_hub_id_loads_offline(tmp_path, tiny_model_dirs, monkeypatch):
+    """A hub id already in the local cache needs no network: the layout is the hub client's own."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--quantlab-tests--tiny-llama"
+    shutil.copytree(tiny_model_dirs["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model("quantlab-tests/tiny-llama", device="cpu")
+    assert loaded.name == "quantlab-tests/tiny-llama" and loaded.kind == "causal" and loaded.tokenizer is not None
+    listing = inspect_tensors("quantlab-tests/tiny-llama")
+    assert listing.total_bytes == inspect_tensors(tiny_model_dirs["llama"]).total_bytes
+    assert model_size(model_skeleton("quantlab-tests/tiny-llama"), INT4_G32).total_bytes == \
+        model_size(loaded, INT4_G32).total_bytes
 
 
 @pytest.mark.parametrize("source, message", [

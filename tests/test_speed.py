@@ -13,9 +13,10 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from quantlab.architectures import find_linears
 from quantlab.cli import main
+from quantlab.corpus import read_split
 from quantlab.errors import FormatError
 from quantlab.speed import (
-    CUDA_VARIANTS, SpeedSettings, build_variant, measure_speed, ratios, theoretical_bytes, weight_bytes,
+    SpeedSettings, build_variant, default_variants, measure_speed, ratios, theoretical_bytes, weight_bytes,
 )
 
 QUICK = SpeedSettings(prompt_tokens=16, decode_tokens=4, repeats=1)
@@ -63,11 +64,12 @@ def test_int8_variant_runs_real_int8_linears_in_the_blocks_only(bundled_lm):
     converted = {name for name, m in int8.named_modules() if isinstance(m, DynamicQuantizedLinear)}
     assert converted == {info.name for info in find_linears(bundled_lm.model)}
     assert type(int8.lm_head) is torch.nn.Linear
-    ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = bundled_lm.tokenizer(read_split("heldout", max_chars=4000), return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
         expected, actual = bundled_lm.model(ids).logits, int8(ids).logits
-    error = (actual - expected).norm() / expected.norm()
-    assert 0 < error < 0.05  # different arithmetic (int8), close result
+    # Different arithmetic (int8 GEMMs, per-tensor activation scales), nearly the same predictions.
+    assert 0 < (actual - expected).norm() / expected.norm() < 0.15
+    assert (actual.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
     assert weight_bytes(int8) < weight_bytes(bundled_lm.model)
 
 
@@ -106,8 +108,8 @@ def test_cli_reports_a_cuda_variant_on_cpu_as_one_line(bundled_lm_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels need a GPU")
 def test_cuda_low_bit_kernels_are_measured_against_bf16(bundled_lm):
     pytest.importorskip("torchao")
-    variants = CUDA_VARIANTS if torch.cuda.get_device_capability() >= (8, 9) else ("bf16", "int4-weight-only")
-    results = measure_speed(bundled_lm.model, "causal", bundled_lm.name, variants, QUICK, device="cuda")
+    results = measure_speed(bundled_lm.model, "causal", bundled_lm.name, settings=QUICK, device="cuda")
     by_variant = {r.variant: r for r in results}
+    assert set(by_variant) == set(default_variants(torch.device("cuda"))) and "int4-weight-only" in by_variant
     assert all(r.device.startswith("cuda") and r.prefill_ms_per_token > 0 for r in results)
     assert by_variant["int4-weight-only"].tensor_bytes < by_variant["bf16"].tensor_bytes

@@ -103,28 +103,39 @@ def search_scales(group: ScaleGroup, mean_abs: torch.Tensor, hessian: torch.Tens
     modified.
     """
     alphas = tuple(i / n_grid for i in range(n_grid))
+    weights = {name: W.float() for name, W in weights.items()}
+    # output_error's denominator tr(W H Wᵀ) does not depend on alpha: computed once, not per point.
+    reference = {name: ((W @ hessian) * W).sum().clamp(min=1e-30) for name, W in weights.items()}
     losses: dict[str, list[float]] = {name: [] for name in weights}
     for alpha in alphas:
         s = awq_scales(mean_abs, alpha)  # (in,)
         for name, W in weights.items():
-            W_hat = fake_quantize(W.float() * s, fmt) / s  # (out, in), as applied to the unscaled X
-            losses[name].append(output_error(W, W_hat, hessian))
+            delta = W - fake_quantize(W * s, fmt) / s  # (out, in), as applied to the unscaled X
+            losses[name].append((((delta @ hessian) * delta).sum() / reference[name]).item())
     total = [sum(values) for values in zip(*losses.values())]
     best = min(range(n_grid), key=total.__getitem__)
     return ScaleSearch(group, alphas, {k: tuple(v) for k, v in losses.items()}, alphas[best],
                        awq_scales(mean_abs, alphas[best]))
 
 
-def clip_weight(W: torch.Tensor, fmt: QuantFormat, ratios: torch.Tensor) -> torch.Tensor:
-    """``W`` clamped, block by block, to ``ratios`` of its min-max range (the grid's range)."""
-    blocks = to_blocks(W, fmt)  # (rows, groups, g)
+def _clip_range(W: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 blocks (rows, groups, g) of ``W`` and the (lo, hi) range the grid would cover, per block."""
+    blocks = to_blocks(W, fmt)
     hi = blocks.amax(dim=-1, keepdim=True)
     lo = blocks.amin(dim=-1, keepdim=True)
     if fmt.symmetric:
         hi = torch.maximum(hi.abs(), lo.abs())
         lo = -hi
-    clipped = torch.minimum(torch.maximum(blocks, lo * ratios), hi * ratios)
-    return clipped.reshape(W.shape).to(W.dtype)
+    return blocks, lo, hi
+
+
+def _clamp(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(torch.maximum(blocks, lo * ratios), hi * ratios).reshape(like.shape).to(like.dtype)
+
+
+def clip_weight(W: torch.Tensor, fmt: QuantFormat, ratios: torch.Tensor) -> torch.Tensor:
+    """``W`` clamped, block by block, to ``ratios`` (rows, groups, 1) of its min-max range."""
+    return _clamp(*_clip_range(W, fmt), ratios, W)
 
 
 def _diagonal_blocks(hessian: torch.Tensor, group: int) -> torch.Tensor:
@@ -152,11 +163,12 @@ def search_clip(W: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, params
     group = fmt.granularity.group_size if fmt.granularity.kind == "group" else W.shape[1]
     h_blocks = _diagonal_blocks(hessian, group)  # (G, g, g)
     n_ratios = math.floor(params.clip_grid * params.max_shrink + 1e-9) + 1  # eps: 0.7 * 20 = 13.999...
-    ones = torch.ones_like(to_blocks(W, fmt)[..., :1])  # (rows, groups, 1)
+    blocks, lo, hi = _clip_range(W, fmt)
+    ones = torch.ones_like(lo)  # (rows, groups, 1)
     best_ratio, best_err = ones, _block_output_error(fake_quantize(W, fmt) - W, h_blocks, fmt)
     for i in range(1, n_ratios):
         ratios = ones * (1 - i / params.clip_grid)
-        err = _block_output_error(fake_quantize(clip_weight(W, fmt, ratios), fmt) - W, h_blocks, fmt)
+        err = _block_output_error(fake_quantize(_clamp(blocks, lo, hi, ratios, W), fmt) - W, h_blocks, fmt)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, ratios, best_ratio)

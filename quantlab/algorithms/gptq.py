@@ -97,8 +97,9 @@ def _column_format(fmt: QuantFormat) -> QuantFormat:
     return replace(fmt, granularity=Granularity("channel"))
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, params: GPTQParams = GPTQParams()) -> GPTQResult:
-    """GPTQ on one (out, in) weight with H (in, in); neither is modified."""
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, params: GPTQParams = GPTQParams(),
+                  name: str = "this layer") -> GPTQResult:
+    """GPTQ on one (out, in) weight with H (in, in); neither is modified. ``name`` is for the log."""
     check_format_fits(tuple(W.shape), fmt)
     W = W.detach().float().clone()  # (out, in)
     H = H.detach().float().clone()  # (in, in)
@@ -113,9 +114,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, params: GP
         W, H = W[:, perm], H[perm][:, perm]
     U, damp = _upper_cholesky_of_inverse(H, params.damp)
     if U is None:
-        log.warning("GPTQ: the Cholesky factorisation of H failed even with damping %.3g; this layer is quantized "
+        log.warning("GPTQ: the Cholesky factorisation of H failed even with damping %.3g; %s is quantized "
                     "with RTN instead (check the calibration inputs for NaN/Inf, or raise --damp)",
-                    params.damp * 10 ** (DAMP_RETRIES - 1))
+                    params.damp * 10 ** (DAMP_RETRIES - 1), name)
         W = W[:, torch.argsort(perm)] if perm is not None else W
         qparams = choose_qparams(W, fmt)
         clipped = clipped_mask(W, fmt, qparams).float().mean().item()
@@ -210,9 +211,8 @@ def process_block(ctx: BlockContext) -> list[LayerResult]:
     results = []
     for local_name in ctx.linear_modules():
         start = time.perf_counter()
-        result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.config.weight_format, params)
-        if result.fallback:
-            log.warning("GPTQ: %s fell back to RTN", ctx.linears[local_name].name)
+        result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.config.weight_format, params,
+                               name=ctx.linears[local_name].name)
         extra = {"gptq_loss": result.loss, "damp": result.damp, "fallback": result.fallback,
                  "act_order": params.act_order, "static_groups": params.static_groups}
         results.append(ctx.finish_linear(

@@ -21,6 +21,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="tokens between window starts; less than --ctx gives sliding windows (default: ctx)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: automatic)")
+    parser.add_argument("--sentences", type=int, default=128, help="sentences for an encoder's fidelity")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="compute dtype (default: float32; bfloat16 runs under autocast)")
@@ -30,7 +31,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                        dtype=args.dtype)
+                        dtype=args.dtype, n_sentences=args.sentences)
     text = load_text(args.text)  # before the model: a bad text source fails at once
     loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.kind, text, config)

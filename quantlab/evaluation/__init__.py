@@ -60,5 +60,6 @@ def evaluate(model, tokenizer, kind: str, text: str | None = None, config: EvalC
     if kind == "causal":
         return perplexity(model, tokenizer, text, config, reference)
     chosen = sentences(text, config.n_sentences)
-    return embedding_fidelity(model, tokenizer, chosen, model if reference is None else reference, max_tokens=config.max_sentence_tokens,
+    reference = model if reference is None else reference
+    return embedding_fidelity(model, tokenizer, chosen, reference, max_tokens=config.max_sentence_tokens,
                               dtype=config.dtype)

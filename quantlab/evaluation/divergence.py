@@ -100,10 +100,10 @@ class DivergenceAccumulator:
     pass (exact).
     """
 
-    def __init__(self, reference_batches, top_k: int, vocab_size: int):
+    def __init__(self, reference_batches):
         self.reference_batches = iter(reference_batches)
-        self.top_k = top_k
-        self.vocab_size = vocab_size
+        self.kept = 0  # reference tokens per position
+        self.vocab_size = 0
         self.kl: list[torch.Tensor] = []
         self.agree = 0
         self.positions = 0
@@ -114,12 +114,13 @@ class DivergenceAccumulator:
         ref_values = ref_values.to(logprobs.device)
         if ref_values.shape[0] != logprobs.shape[0]:
             raise FormatError(f"the reference has {ref_values.shape[0]} positions for a batch of {logprobs.shape[0]}")
+        self.kept, self.vocab_size = ref_values.shape[1], logprobs.shape[1]
         if ref_indices is None:  # full vocabulary, in token order
             kl, ref_top1 = full_kl(ref_values, logprobs), ref_values.argmax(dim=-1)
             self.mass += ref_values.shape[0]
         else:
             ref_indices = ref_indices.to(logprobs.device).long()  # (n, k)
-            exact = ref_values.shape[1] >= self.vocab_size
+            exact = self.kept >= self.vocab_size
             kl = coarse_kl(ref_values, logprobs.gather(1, ref_indices), with_rest=not exact)
             ref_top1 = ref_indices[:, 0]
             self.mass += float(ref_values.double().exp().sum())
@@ -132,7 +133,7 @@ class DivergenceAccumulator:
         return DivergenceResult(
             kl_divergence=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)),
             top1_agreement=self.agree / self.positions, positions=self.positions,
-            top_k=min(self.top_k, self.vocab_size), exact=self.top_k >= self.vocab_size,
+            top_k=self.kept, exact=self.kept >= self.vocab_size,
             reference_mass=min(1.0, self.mass / self.positions),
         )
 

@@ -64,11 +64,12 @@ class PerplexityResult:
     def definitions(self) -> dict[str, str]:
         """What each number means, for labels and tooltips: users compare numbers across tools."""
         first = ", first text token scored after BOS" if self.prepend_bos else ""
+        same = f"(lm-eval wikitext definition); ctx {self.ctx}, stride {self.stride}"
         definitions = {
             "perplexity": f"token perplexity = exp(mean NLL over {self.tokens:,} predicted tokens); "
                           f"{self.window_scheme}{first}; {self.dtype}",
-            "word_perplexity": f"exp(total NLL / {self.words:,} whitespace-separated words), lm-eval wikitext definition",
-            "bits_per_byte": f"total NLL / (ln 2 x {self.bytes:,} UTF-8 bytes), lm-eval wikitext definition",
+            "word_perplexity": f"exp(total NLL / {self.words:,} whitespace-separated words) {same}",
+            "bits_per_byte": f"total NLL / (ln 2 x {self.bytes:,} UTF-8 bytes) {same}",
         }
         return definitions | (self.divergence.definitions() if self.divergence else {})
 
@@ -137,16 +138,14 @@ def perplexity(model, tokenizer, text: str, config: EvalConfig | None = None,
     prepared = _prepare(model, tokenizer, text, config)
     if reference is None:
         return _run(model, prepared)
-    vocab_size = model.config.vocab_size
     if isinstance(reference, torch.nn.Module):
         paired = score_windows(reference, prepared.stream, prepared.windows, prepared.config)
-        divergence = DivergenceAccumulator(((lp, None) for lp, _ in paired), vocab_size, vocab_size)
+        divergence = DivergenceAccumulator((logprobs, None) for logprobs, _ in paired)
     else:
         reference.check_matches(prepared.fingerprint)
-        batch = prepared.config.batch_size
-        sizes = [sum(w.n_scored for w in prepared.windows[i : i + batch]) for i in range(0, len(prepared.windows), batch)]
-        divergence = DivergenceAccumulator(cached_batches(reference, sizes), reference.values.shape[1],
-                                           reference.vocab_size)
+        windows, batch = prepared.windows, prepared.config.batch_size
+        sizes = [sum(w.n_scored for w in windows[i : i + batch]) for i in range(0, len(windows), batch)]
+        divergence = DivergenceAccumulator(cached_batches(reference, sizes))
     return replace(_run(model, prepared, (divergence,)), divergence=divergence.result())
 
 

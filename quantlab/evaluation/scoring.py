@@ -40,7 +40,7 @@ class TokenStream:
 
     ids: torch.Tensor  # (N,) int64 on the CPU, BOS first when prepend_bos
     text: str  # the text the scored tokens cover: all of it, or a prefix when max_tokens cut it
-    prefix_tokens: int  # 1 when a BOS token was put in front, else 0
+    prefix_tokens: int  # 1 when the stream starts with a BOS that is not text (prepend_bos), else 0
 
 
 def encode_text(tokenizer, text: str, max_tokens: int | None = None, prepend_bos: bool = False) -> TokenStream:
@@ -59,7 +59,8 @@ def encode_text(tokenizer, text: str, max_tokens: int | None = None, prepend_bos
     if prepend_bos:
         bos = prefix_token_id(tokenizer)
         if not ids or ids[0] != bos:  # tokenizers that add BOS themselves get no second one
-            ids, prefix = [bos, *ids], 1
+            ids = [bos, *ids]
+        prefix = 1
     if len(ids) - prefix < MIN_TOKENS:
         raise DataError(f"the text has {len(ids) - prefix} tokens; evaluation needs at least {MIN_TOKENS}")
     return TokenStream(torch.tensor(ids, dtype=torch.long), covered, prefix)

@@ -77,8 +77,6 @@ def hub_unreachable_reason() -> str | None:
 
 
 def _wikitext2() -> str:
-    import datasets
-
     from quantlab.models import hub_offline
 
     path, config, split = WIKITEXT2_DATASET
@@ -88,6 +86,8 @@ def _wikitext2() -> str:
     if reason is not None:
         raise DataError(f"WikiText-2 needs the Hugging Face hub, which cannot be reached ({reason}); "
                         f"{_WORKS_OFFLINE} (a cached copy is used with HF_HUB_OFFLINE=1)")
+    import datasets  # a heavy import, so only once the hub is known to answer (or the cache is asked for)
+
     try:
         rows = datasets.load_dataset(path, config, split=split)
     except Exception as exc:  # noqa: BLE001  datasets raises many types for "not available"; all mean the same here

@@ -92,8 +92,8 @@ def _block_range(blocks: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, 
     Raises QuantizationError on NaN or Inf anywhere in a block. Min-max reductions propagate
     them into lo/hi; quantiles can step over them, so that path checks the extremes as well.
     """
-    # amin and amax as two reductions: one pass each and no |x| temporary, about 3x faster on CPU
-    # than abs().amax() or aminmax; max(-min, max) is exactly the absmax.
+    # amin and amax as two reductions: one read each and no |x| temporary, 2-3x faster on CPU than
+    # abs().amax() or aminmax (measured on 4096x4096); max(-min, max) is exactly the absmax.
     lo, hi = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
     _check_finite(lo, hi)
     if fmt.range_method == "percentile" and fmt.percentile < 100:
@@ -127,12 +127,13 @@ def _qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) ->
         scale = (hi - lo) / (2**fmt.n_bits - 1)
     else:
         scale = hi / _grid_max(fmt)
-    exact_scale, scale = scale, scale.to(fmt.torch_scale_dtype).clamp(min=_MIN_SCALE[fmt.torch_scale_dtype]).float()
-    if scale.amax().item() == float("inf"):  # scales are >= 0: overflow to +inf is the only way to fail
+    stored = scale.to(fmt.torch_scale_dtype).clamp(min=_MIN_SCALE[fmt.torch_scale_dtype]).float()
+    if stored.amax().item() == float("inf"):  # scales are >= 0: overflow to +inf is the only way to fail
         raise QuantizationError(
-            f"a scale of {exact_scale.amax().item():.4g} overflows {fmt.scale_dtype}; "
+            f"a scale of {scale.amax().item():.4g} overflows {fmt.scale_dtype}; "
             "store scales in bf16 or fp32 (--scale-dtype bf16) for values this large"
         )
+    scale = stored
     if not fmt.has_zero_point:
         return scale, None
     zero_point = torch.round(-lo / scale).clamp(0, 2**fmt.n_bits - 1).to(torch.int32)

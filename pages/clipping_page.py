@@ -3,18 +3,20 @@
 import streamlit as st
 
 from pages.common import (
-    current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
+    cached_view, current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
 )
 from quantlab import plots
 from quantlab.analysis import tensors
 from quantlab.primitives import to_blocks
 
 
-@st.cache_data(show_spinner="Sweeping clip ratios…", max_entries=64)
+@cached_view(spinner="Sweeping clip ratios…")
 def _clipping(key: str, layer: str, fmt_repr: str, block: tuple | None, _W, _fmt) -> tuple:
     values = _W if block is None else tensors.block_values(_W, _fmt, *block)
     fmt = _fmt if block is None else tensors.single_block_format(_fmt, values.numel())
-    return tensors.clipping_sweep(values, fmt), tensors.range_method_table(values, fmt)
+    sweep, methods = tensors.clipping_sweep(values, fmt), tensors.range_method_table(values, fmt)
+    best = tensors.best_ratio(sweep)
+    return sweep, methods, best, plots.clipping_figure(sweep, best), plots.error_split_figure(methods, "range_method")
 
 
 st.title("Clipping")
@@ -36,19 +38,19 @@ if scope == "one block":
     group = right.number_input(f"Group (0..{groups - 1})", 0, groups - 1, 0, key="c_group")
     block = (int(row), int(group))
 with user_errors():
-    sweep, methods = _clipping(results_key(), layer.name, repr(fmt), block, layer.weight, fmt)
+    sweep, methods, best, sweep_figure, methods_figure = _clipping(results_key(), layer.name, repr(fmt), block,
+                                                                   layer.weight, fmt)
 
-best = tensors.best_ratio(sweep)
 cols = st.columns(3)
 cols[0].metric("Best clip ratio", f"{best['clip_ratio']:.2f}")
 cols[1].metric("Error at best vs min-max", f"{best['mse'] / sweep['mse'].iloc[-1]:.1%}")
 cols[2].metric("Values clipped at best", f"{best['clipped_fraction']:.2%}")
-st.plotly_chart(plots.clipping_figure(sweep, best), key="c_sweep")
+st.plotly_chart(sweep_figure, key="c_sweep")
 download_table(sweep, "clipping_sweep")
 
 st.subheader("Range methods")
 st.write("**min-max** uses the full range; **percentile** keeps a share of the values (sidebar setting) inside it; "
          "**MSE** searches each block's clip ratio for the least squared error.")
-st.plotly_chart(plots.error_split_figure(methods, "range_method"), key="c_methods")
+st.plotly_chart(methods_figure, key="c_methods")
 st.dataframe(methods, hide_index=True, width="stretch")
 download_table(methods, "clipping_range_methods")

@@ -26,10 +26,11 @@ from quantlab import models
 from quantlab.algorithms.base import CalibConfig, RunResult, parse_config_name
 from quantlab.analysis import tensors
 from quantlab.device import available_devices
-from quantlab.errors import QuantLabError
+from quantlab.errors import ModelLoadError, QuantLabError
 from quantlab.evaluation import EvalConfig
 from quantlab.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
 from quantlab.pipeline import SWEEP_EVAL_CTX, QuantSession, quantize_model
+from quantlab.weightfiles import describe_skipped
 
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
 BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
@@ -66,7 +67,13 @@ def session_folder() -> Path:
 
 
 def save_upload(data: bytes, suffix: str = ".safetensors") -> Path:
-    """Write uploaded bytes into the session folder under a content hash: the user's name is never a path."""
+    """Write uploaded bytes into the session folder under a content hash: the user's name is never a path.
+
+    The browser enforces the upload limit (``server.maxUploadSize``, MiB); checked again for other callers.
+    """
+    if len(data) > (limit := st.get_option("server.maxUploadSize")) * 2**20:
+        raise ModelLoadError(f"the file has {len(data) / 2**20:.1f} MB, over this server's upload limit of {limit} MB "
+                             "(server.maxUploadSize); inspect large checkpoints with the command line")
     digest = hashlib.sha256(data).hexdigest()[:20]
     path = session_folder() / f"upload-{digest}{suffix}"
     if not path.exists():
@@ -84,6 +91,15 @@ def export_zip(model, tokenizer, name: str) -> bytes:
         export_compressed(model, folder, tokenizer)
     archive = shutil.make_archive(str(folder), "zip", folder)
     return Path(archive).read_bytes()
+
+
+def cached_view(max_entries: int = 32, spinner: str | bool = False):
+    """Cache a page's tables and figures, shared by all sessions and never copied; treat them as read-only.
+
+    Not st.cache_data: it unpickles a copy on every hit, and a Plotly figure re-validates every
+    property when it is rebuilt, which costs more than computing the view again.
+    """
+    return st.cache_resource(max_entries=max_entries, show_spinner=spinner)
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -161,8 +177,18 @@ def current_matrices() -> list[tensors.NamedMatrix]:
         st.stop()
     with user_errors():
         if choice.weights_path is not None:
+            _file_notes(choice.weights_path)
             return tensors.file_matrices(cached_file_tensors(choice.weights_path))
         return tensors.model_matrices(current_model().model)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _file_notes(path: str) -> None:
+    """Say which tensors of a weights file the pages leave out, and which matrices hold NaN or Inf."""
+    if skipped := models.skipped_tensors(cached_file_tensors(path)):
+        st.caption(f"Left out, not quantizable matrices: {describe_skipped(skipped)}.")
+    if bad := [name for name, t in models.matrix_tensors(cached_file_tensors(path)) if not t.isfinite().all()]:
+        st.warning(f"NaN or Inf values in {', '.join(bad[:4])}: these cannot be quantized; fix the file.")
 
 
 def matrix_picker(matrices: list[tensors.NamedMatrix], label: str = "Layer", key: str = "layer",
@@ -208,7 +234,12 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
                                    "without running a model.")
     if upload is None:
         return None
-    return ModelChoice(label, None, weights_path=str(save_upload(upload.getvalue())), device=device)
+    try:
+        path = save_upload(upload.getvalue())
+    except QuantLabError as exc:
+        st.error(str(exc))
+        return None
+    return ModelChoice(label, None, weights_path=str(path), device=device)
 
 
 def _format_widgets() -> QuantFormat | None:

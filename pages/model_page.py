@@ -3,18 +3,20 @@
 import streamlit as st
 
 from pages.common import (
-    current_format, current_model, download_table, explain, model_choice, results_key, user_errors,
+    cached_view, current_format, current_model, download_table, explain, model_choice, results_key, user_errors,
 )
 from quantlab import models, plots
 from quantlab.analysis import sizes
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@cached_view()
 def _tables(key: str, fmt_repr: str, _source, _fmt) -> tuple:
     listing = models.inspect_tensors(_source)
     size = models.model_size(_source, _fmt)
     formats = sizes.format_sizes(_source, sizes.size_variants(variants=((True, _fmt.scale_dtype),)))
-    return listing.total_params, listing.total_bytes, sizes.layer_table(listing, size), formats
+    fitting = formats.dropna(subset=["total_bytes"]).assign(MiB=lambda d: d["total_bytes"] / 2**20)
+    figure = plots.bar_figure(fitting, "format", "MiB", "Whole model size by format", y_title="MiB")
+    return listing.total_params, listing.total_bytes, sizes.layer_table(listing, size), formats, figure
 
 
 st.title("Model")
@@ -26,7 +28,7 @@ fmt = current_format()
 loaded = current_model()
 with user_errors():
     source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
-    params, fp_bytes, layers, formats = _tables(results_key(), repr(fmt), source, fmt)
+    params, fp_bytes, layers, formats, sizes_figure = _tables(results_key(), repr(fmt), source, fmt)
 
 if loaded is not None:
     summary = sizes.model_summary(loaded.model, loaded.kind)
@@ -55,8 +57,7 @@ if len(chosen) and chosen["note"].iloc[0] == "":
 
 st.subheader("What each format would weigh")
 explain("bits per weight")
-st.plotly_chart(plots.bar_figure(formats.dropna(subset=["total_bytes"]).assign(MiB=lambda d: d["total_bytes"] / 2**20),
-                                 "format", "MiB", "Whole model size by format", y_title="MiB"), key="model_sizes")
+st.plotly_chart(sizes_figure, key="model_sizes")
 st.dataframe(formats, hide_index=True, width="stretch")
 download_table(formats, "model_format_sizes")
 

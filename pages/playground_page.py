@@ -3,12 +3,19 @@
 import pandas as pd
 import streamlit as st
 
-from pages.common import GLOSSARY, download_table, explain, user_errors
+from pages.common import GLOSSARY, cached_view, download_table, explain, user_errors
 from quantlab import plots
 from quantlab.analysis import tensors
 from quantlab.formats import Granularity, QuantFormat
 
 DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
+
+
+@cached_view(max_entries=128)
+def _quantized(values: tuple, fmt_repr: str, _fmt) -> tuple:
+    result = tensors.quantize_vector(values, _fmt)
+    return result, plots.vector_figure(result)
+
 
 st.title("Playground")
 st.write("Quantization stores each number as a small integer **code** plus a shared **scale**. "
@@ -61,7 +68,7 @@ with controls:
 with user_errors():
     gran = Granularity("group", group_size) if per_group and sizes else Granularity("tensor")
     fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran)
-    result = tensors.quantize_vector(values, fmt)
+    result, figure = _quantized(tuple(values), repr(fmt), fmt)
 
 first = result.groups.iloc[0]
 st.subheader("The formulas, with your numbers")
@@ -83,7 +90,7 @@ metrics[0].metric("Scale (first group)", f"{first['scale']:.4g}")
 metrics[1].metric("Zero-point", int(first["zero_point"]) if not symmetric else "none")
 metrics[2].metric("Mean squared error", f"{result.report.mse:.3g}")
 metrics[3].metric("Values clipped", int(result.table["clipped"].sum()))
-st.plotly_chart(plots.vector_figure(result), key="pg_chart")
+st.plotly_chart(figure, key="pg_chart")
 
 st.subheader("Every value, step by step")
 st.caption("scaled = x / s (+ z) before rounding; code = the stored integer; dequantized = what the model computes "

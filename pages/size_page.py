@@ -2,16 +2,26 @@
 
 import streamlit as st
 
-from pages.common import current_model, download_table, explain, model_choice, results_key, user_errors
+from pages.common import (
+    cached_view, current_model, download_table, explain, model_choice, results_key, user_errors,
+)
 from quantlab import models, plots, speed
 from quantlab.analysis import sizes
 
 SPEED_SETTINGS = speed.SpeedSettings(prompt_tokens=64, decode_tokens=16, repeats=3)  # seconds, not minutes
 
 
-@st.cache_data(show_spinner="Computing sizes…", max_entries=8)
-def _model_sizes(key: str, _source):
-    return sizes.format_sizes(_source, sizes.size_variants())
+def _variant(table):
+    return table.assign(variant=table["zero_points"].map({True: "zero-points", False: "no zero-points"})
+                        + ", " + table["scale_dtype"] + " scales")
+
+
+@cached_view(spinner="Computing sizes…")
+def _model_sizes(key: str, _source) -> tuple:
+    table = _variant(sizes.format_sizes(_source, sizes.size_variants()))
+    figure = plots.bar_figure(table[table["note"] == ""], "format", "bits_per_weight",
+                              "Bits per weight, overhead included", color="variant")
+    return table, figure
 
 
 @st.cache_data(show_spinner="Measuring each kernel…", max_entries=4)
@@ -20,14 +30,16 @@ def _speed(key: str, _loaded):
     return sizes.speed_table(results, _loaded.model)
 
 
-@st.cache_data(show_spinner=False)
+@cached_view()
 def _reference_sizes():
-    return sizes.reference_sizes(sizes.size_variants())
+    return _variant(sizes.reference_sizes(sizes.size_variants()))
 
 
-def _variant(table):
-    return table.assign(variant=table["zero_points"].map({True: "zero-points", False: "no zero-points"})
-                        + ", " + table["scale_dtype"] + " scales")
+@cached_view()
+def _reference_figure(model_label: str):
+    chosen = _reference_sizes().query("model == @model_label").assign(GB=lambda d: d["total_bytes"] / 1e9)
+    return plots.bar_figure(chosen, "format", "GB", f"{model_label} (Llama-shaped): total size by format",
+                            color="variant", y_title="GB")
 
 
 st.title("Size & scale overhead")
@@ -42,19 +54,17 @@ if choice is None:
 loaded = current_model()
 with user_errors():
     source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
-    model_sizes = _variant(_model_sizes(results_key(), source))
+    model_sizes, bits_figure = _model_sizes(results_key(), source)
 
 st.subheader(f"This model: {loaded.name if loaded is not None else 'uploaded weights'}")
-fitting = model_sizes[model_sizes["note"] == ""]
-st.plotly_chart(plots.bar_figure(fitting, "format", "bits_per_weight", "Bits per weight, overhead included",
-                                 color="variant"), key="size_bits")
+st.plotly_chart(bits_figure, key="size_bits")
 st.caption("Layers kept in full precision (embeddings, norms, output head) are counted in every total at their "
            "stored size: in a small model they are most of the file.")
 st.dataframe(model_sizes, hide_index=True, width="stretch")
 download_table(model_sizes, "size_this_model")
 
 st.subheader("The same formats at scale")
-reference = _variant(_reference_sizes())
+reference = _reference_sizes()
 row = reference[(reference["model"] == "7B") & (reference["format"] == "int4-g128") & ~reference["zero_points"]
                 & (reference["scale_dtype"] == "fp16")].iloc[0]
 st.markdown(
@@ -64,9 +74,7 @@ st.markdown(
     f"embeddings, head and norms in fp16 = **{row['total_bytes'] / 1e9:.2f} GB** in all "
     f"({row['bits_per_weight']:.3f} bits per quantized weight; fp16 would be {row['fp16_bytes'] / 1e9:.2f} GB).")
 model_label = st.radio("Reference model", ("1B", "7B", "70B"), index=1, horizontal=True, key="size_ref")
-chosen = reference[reference["model"] == model_label].assign(GB=lambda d: d["total_bytes"] / 1e9)
-st.plotly_chart(plots.bar_figure(chosen, "format", "GB", f"{model_label} (Llama-shaped): total size by format",
-                                 color="variant", y_title="GB"), key="size_ref_chart")
+st.plotly_chart(_reference_figure(model_label), key="size_ref_chart")
 st.caption("Llama-shaped models (hidden 2048/4096/8192, untied embeddings and head in fp16); the parameter counts "
            "are approximate, the arithmetic on them exact.")
 st.dataframe(reference, hide_index=True, width="stretch")

@@ -3,21 +3,30 @@
 import streamlit as st
 
 from pages.common import (
-    current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
+    cached_view, current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
 )
 from quantlab import plots
 from quantlab.analysis import sizes, tensors
 from quantlab.formats import QuantFormat
 
 
-@st.cache_data(show_spinner="Quantizing the layer…", max_entries=64)
-def _views(key: str, layer: str, fmt_repr: str, which: str, _W, _fmt) -> tensors.WeightViews:
-    return tensors.weight_views(_W, _fmt, which)
+@cached_view(spinner="Quantizing the layer…")
+def _views(key: str, layer: str, fmt_repr: str, which: str, _W, _fmt) -> tuple:
+    views = tensors.weight_views(_W, _fmt, which)
+    row, group = views.block
+    return views, (
+        plots.histogram_figure(views.weights, f"{layer}: weights and the grid of block (row {row}, group {group})",
+                               "weight value", views.levels, log_y=True),
+        plots.histogram_figure(views.errors, "Quantization error x̂ - x", "error"),
+        plots.histogram_figure(views.scales, "Scales of all blocks", "scale"),
+    )
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@cached_view()
 def _comparison(key: str, layer: str, fmt_reprs: tuple, _W, _fmts) -> tuple:
-    return tensors.format_comparison(_W, _fmts), tensors.error_histograms(_W, _fmts)
+    figure = plots.overlaid_histograms_figure(tensors.error_histograms(_W, _fmts), "Error of each format, same axis",
+                                              "error")
+    return tensors.format_comparison(_W, _fmts), figure
 
 
 st.title("Weights")
@@ -29,7 +38,8 @@ layer = matrix_picker(matrices, key="w_layer")
 which = st.radio("Overlay the grid of the block with the", ("largest", "median"), horizontal=True, key="w_block",
                  format_func=lambda w: f"{w} scale")
 with user_errors():
-    views = _views(results_key(), layer.name, repr(fmt), which, layer.weight, fmt)
+    views, (weights_figure, error_figure, scales_figure) = _views(results_key(), layer.name, repr(fmt), which,
+                                                                  layer.weight, fmt)
 
 summary = views.summary
 cols = st.columns(4)
@@ -40,16 +50,14 @@ cols[2].metric("SQNR", f"{summary['sqnr_db']:.1f} dB",
 cols[3].metric("Clipped", f"{summary['clipped_fraction']:.2%}")
 explain("bits per weight")
 
-row, group = views.block
-st.plotly_chart(plots.histogram_figure(views.weights, f"{layer.name}: weights and the grid of block (row {row}, "
-                                       f"group {group})", "weight value", views.levels, log_y=True), key="w_hist")
+st.plotly_chart(weights_figure, key="w_hist")
 st.caption("Each group has its own scale, so its own grid: the orange lines are one block's grid. Counts are on a "
            "log scale so that the rare large weights (outliers) stay visible.")
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(plots.histogram_figure(views.errors, "Quantization error x̂ - x", "error"), key="w_err")
+    st.plotly_chart(error_figure, key="w_err")
 with right:
-    st.plotly_chart(plots.histogram_figure(views.scales, "Scales of all blocks", "scale"), key="w_scales")
+    st.plotly_chart(scales_figure, key="w_scales")
     explain("scale")
 
 st.subheader("Before and after: two formats")
@@ -57,7 +65,8 @@ names = [fmt.name, *[n for n in sizes.SIZE_FORMATS if n != fmt.name]]
 other_name = st.selectbox("Compare the sidebar's format with", names[1:], index=2, key="w_other")
 with user_errors():
     other = QuantFormat.parse(other_name, scale_dtype=fmt.scale_dtype)
-    table, errors = _comparison(results_key(), layer.name, (repr(fmt), repr(other)), layer.weight, (fmt, other))
-st.plotly_chart(plots.overlaid_histograms_figure(errors, "Error of each format, same axis", "error"), key="w_cmp")
+    table, comparison_figure = _comparison(results_key(), layer.name, (repr(fmt), repr(other)), layer.weight,
+                                           (fmt, other))
+st.plotly_chart(comparison_figure, key="w_cmp")
 st.dataframe(table, hide_index=True, width="stretch")
 download_table(table, "weights_format_comparison")

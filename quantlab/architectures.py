@@ -96,9 +96,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
             "attention.output.dense": "o", "intermediate.dense": "up", "output.dense": "down",
         },
-        # BERT is post-norm: q/k/v are fed by the previous block's output LayerNorm, so only the
-        # in-block pair folds. Other linears are smoothed by scaling their inputs explicitly.
-        scale_pairs=(ScalePair("attention.output.LayerNorm", ("intermediate.dense",)),),
+        # BERT is post-norm: every LayerNorm output is also the residual of the next sum (q/k/v's
+        # norm sits in the previous block, attention.output.LayerNorm feeds intermediate.dense AND
+        # output.LayerNorm's residual), so dividing a norm by s would change the residual stream.
+        # Nothing folds; AWQ/SmoothQuant scale these linears' inputs explicitly (input_scale).
+        scale_pairs=(),
         kind="encoder",
         attention="attention.self",
     ),

@@ -310,6 +310,8 @@ def inspect_tensors(source) -> TensorListing:
 
     Safetensors are read from their headers, so listing a large checkpoint costs almost nothing.
     """
+    if isinstance(source, TensorListing):  # already listed (the app lists an upload once, then sizes it)
+        return source
     if isinstance(source, LoadedModel):
         source = source.model
     if isinstance(source, nn.Module):

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from quantlab.algorithms.base import CalibConfig, QuantConfig, RunResult, parse_config_name
-from quantlab.architectures import find_linears
+from quantlab.architectures import find_linears, weight_matrix
 from quantlab.calibration import calibration_set, run_blocks
-from quantlab.errors import FormatError
-from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text
+from quantlab.errors import FormatError, QuantizationError
+from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text, model_context_length
 from quantlab.primitives import check_format_fits
 from quantlab.sizing import model_size
 
@@ -119,7 +119,15 @@ def _apply_kv(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def check_config_fits(model: nn.Module, config: QuantConfig) -> None:
-    """Fail before any work when the weight format cannot quantize one of the model's linears."""
+    """Fail before any work when ``config`` cannot run on ``model``.
+
+    Calibration windows longer than the model's context, a weight format that cannot quantize one
+    of its linears, and NaN or Inf weights (which have no code) are each reported by name.
+    """
+    context = model_context_length(model)
+    if config.method != "fp" and context is not None and config.calib.seq_len > context:
+        raise FormatError(f"{config.name}: calibration sequences of {config.calib.seq_len} tokens are longer than "
+                          f"the model's context of {context} positions; use --calib-len {context} or less")
     if config.weight_format is None:
         return
     for info in find_linears(model):
@@ -127,6 +135,10 @@ def check_config_fits(model: nn.Module, config: QuantConfig) -> None:
             check_format_fits((info.out_features, info.in_features), config.weight_format)
         except FormatError as exc:
             raise FormatError(f"{config.name}: {info.name} ({info.out_features}x{info.in_features}): {exc}") from None
+        n_bad = (~torch.isfinite(weight_matrix(model.get_submodule(info.name)))).sum().item()
+        if n_bad:
+            raise QuantizationError(f"{info.name} has {n_bad} NaN or Inf weights, which no format can store; "
+                                    "fix or replace the checkpoint before quantizing")
 
 
 def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None, eval_text: str | None = None,

@@ -20,7 +20,7 @@ from torch import nn
 from quantlab.architectures import ARCHITECTURES, ArchSpec, find_linears, spec_for
 from quantlab.errors import FormatError, ModelLoadError
 from quantlab.formats import QuantFormat, StorageBreakdown, valid_group_sizes
-from quantlab.weightfiles import FLOAT_DTYPE_NAMES, TensorListing
+from quantlab.weightfiles import TensorListing, describe_skipped, skip_reason
 
 # Name fragments of layers kept in full precision when no architecture says otherwise: the table's default.
 DEFAULT_KEEP_FULL_PRECISION: tuple[str, ...] = next(
@@ -191,15 +191,19 @@ def _module_layers(model: nn.Module, fmt: QuantFormat, keep: tuple[str, ...]) ->
 
 def _listing_layers(listing: TensorListing, fmt: QuantFormat, keep: tuple[str, ...]) -> list[LayerSize]:
     """Matrices are taken as stored (rows = outputs, groups along the last dimension)."""
-    def quantizable(t) -> bool:
-        return (len(t.shape) == 2 and t.numel > 0 and t.dtype in FLOAT_DTYPE_NAMES
-                and not _keeps(keep, t.name, matrix_role(t.name)))
+    def reason(t) -> str | None:
+        kept = "kept in full precision" if _keeps(keep, t.name, matrix_role(t.name)) else None
+        return skip_reason(t.shape, t.dtype) or kept
 
-    all_in = {t.shape[1] for t in listing.tensors if quantizable(t)}
+    reasons = [reason(t) for t in listing.tensors]
+    if None not in reasons:  # say why each tensor was left out: the user may expect a matrix in there
+        skipped = [(t.name, why) for t, why in zip(listing.tensors, reasons)]
+        raise ModelLoadError(f"no linear layers to quantize: {describe_skipped(skipped) or 'the file is empty'}")
+    all_in = {t.shape[1] for t, why in zip(listing.tensors, reasons) if why is None}
     return [
         _quantized_layer(fmt, t.name, matrix_role(t.name), t.shape[0], t.shape[1], t.bytes, all_in)
-        if quantizable(t) else _kept_layer(t.name, t.shape, t.bytes)
-        for t in listing.tensors
+        if why is None else _kept_layer(t.name, t.shape, t.bytes)
+        for t, why in zip(listing.tensors, reasons)
     ]
 
 

@@ -245,22 +245,32 @@ def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
     return TensorInfo(name, tuple(tensor.shape), dtype_name(tensor.dtype), tensor.numel() * tensor.element_size())
 
 
-def skip_reason(tensor: torch.Tensor) -> str | None:
-    """Why a tensor is not a quantizable matrix, or None when it is one."""
-    if tensor.dim() != 2:
-        return f"{tensor.dim()}-D, not a matrix"
-    if tensor.dtype not in FLOAT_DTYPES:
-        return f"{dtype_name(tensor.dtype)} is not a float dtype (already quantized?)"
-    if tensor.numel() == 0:
+def skip_reason(shape: tuple[int, ...], dtype: str) -> str | None:
+    """Why a tensor of ``shape`` and ``dtype`` (``"float32"``...) is not a quantizable matrix, or None."""
+    if len(shape) != 2:
+        return f"{len(shape)}-D, not a matrix"
+    if dtype not in FLOAT_DTYPE_NAMES:
+        return f"{dtype} is not a float dtype (already quantized?)"
+    if math.prod(shape) == 0:
         return "empty"
     return None
 
 
+def _tensor_skip_reason(tensor: torch.Tensor) -> str | None:
+    return skip_reason(tuple(tensor.shape), dtype_name(tensor.dtype))
+
+
 def matrix_tensors(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """The 2-D float tensors, in order: the ones a bare weights file offers for quantization."""
-    return [(name, t) for name, t in tensors.items() if skip_reason(t) is None]
+    return [(name, t) for name, t in tensors.items() if _tensor_skip_reason(t) is None]
 
 
 def skipped_tensors(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
     """``(name, reason)`` for every tensor ``matrix_tensors`` leaves out."""
-    return [(name, reason) for name, t in tensors.items() if (reason := skip_reason(t)) is not None]
+    return [(name, reason) for name, t in tensors.items() if (reason := _tensor_skip_reason(t)) is not None]
+
+
+def describe_skipped(skipped: list[tuple[str, str]], limit: int = 4) -> str:
+    """``a (3-D, not a matrix), b (int8 is not a float dtype ...) and 5 more``: one line for any count."""
+    shown = ", ".join(f"{name} ({reason})" for name, reason in skipped[:limit])
+    return shown + (f" and {len(skipped) - limit} more" if len(skipped) > limit else "")

@@ -37,7 +37,7 @@ from quantlab.primitives import (
     to_blocks_codes,
 )
 from quantlab.sizing import DEFAULT_KEEP_FULL_PRECISION, matrix_role
-from quantlab.weightfiles import matrix_tensors
+from quantlab.weightfiles import describe_skipped, matrix_tensors, skipped_tensors
 
 DISTRIBUTIONS = ("normal", "laplace", "uniform")
 CLIP_RATIOS = tuple(round(0.30 + 0.035 * i, 3) for i in range(21))  # 0.30 .. 1.00
@@ -69,8 +69,9 @@ def file_matrices(tensors: dict[str, torch.Tensor]) -> list[NamedMatrix]:
         block = re.search(r"\.(\d+)\.", name)
         found.append(NamedMatrix(name, int(block[1]) if block else None, matrix_role(name), tensor))
     if not found:
+        skipped = describe_skipped(skipped_tensors(tensors))
         raise ModelLoadError("the file holds no 2-D float matrices outside embeddings, norms and lm_head; "
-                             "nothing to quantize")
+                             "nothing to quantize" + (f" (skipped: {skipped})" if skipped else ""))
     return found
 
 

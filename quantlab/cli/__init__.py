@@ -48,9 +48,18 @@ def emit(result: dict, as_json: bool, text: str) -> None:
     print(json.dumps(result, indent=2, default=str) if as_json else text)
 
 
+def _quiet_library_progress() -> None:
+    """No transformers / hub progress bars when stderr is not a terminal: there, an error is one line."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty() and not args.verbose:
+        _quiet_library_progress()
     module = importlib.import_module(f"quantlab.cli.{COMMANDS[args.command]}")
     try:
         return module.run(args) or 0

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from quantlab.errors import FormatError
-from quantlab.evaluation.scoring import compute_context, compute_dtype_name, model_device
+from quantlab.evaluation.scoring import check_finite, compute_context, compute_dtype_name, model_device
 
 
 @dataclass(frozen=True)
@@ -84,5 +84,6 @@ def embedding_fidelity(model_q, tokenizer, sentences: list[str], reference, batc
                           "embed the same sentences")
     quantized = embed(model_q, tokenizer, sentences, batch_size, max_tokens, dtype)
     cosines = F.cosine_similarity(quantized.double(), reference.double(), dim=-1)  # (n,)
-    return FidelityResult(float(cosines.mean()), float(cosines.min()), len(sentences), max_tokens,
+    fidelity = check_finite(model_q, float(cosines.mean()), "fidelity")
+    return FidelityResult(fidelity, float(cosines.min()), len(sentences), max_tokens,
                           compute_dtype_name(model_q, dtype))

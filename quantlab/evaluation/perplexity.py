@@ -26,7 +26,7 @@ from quantlab.evaluation.divergence import (
     DivergenceAccumulator, DivergenceResult, ReferenceLogProbs, TopKCollector, cached_batches,
 )
 from quantlab.evaluation.scoring import (
-    TokenStream, Window, compute_dtype_name, count_words, encode_text, plan_windows, score_windows,
+    TokenStream, Window, check_finite, compute_dtype_name, count_words, encode_text, plan_windows, score_windows,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _run(model, prepared: _Prepared, extra_observers=()) -> PerplexityResult:
     for logprobs, targets in score_windows(model, stream, prepared.windows, config):
         for observer in (nll, *extra_observers):
             observer.update(logprobs, targets)
-    mean_nll = nll.total / nll.count
+    mean_nll = check_finite(model, nll.total / nll.count, "perplexity")
     words, n_bytes = count_words(stream.text), len(stream.text.encode("utf-8"))
     return PerplexityResult(
         perplexity=math.exp(mean_nll), nll=mean_nll, tokens=nll.count, words=words, bytes=n_bytes,

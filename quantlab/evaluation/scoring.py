@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from quantlab.errors import DataError, FormatError
+from quantlab.errors import DataError, FormatError, QuantizationError
 from quantlab.evaluation.config import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,16 @@ def compute_context(model: torch.nn.Module, dtype: str | None):
     return torch.autocast(model_device(model).type, dtype=torch.bfloat16)
 
 
+def check_finite(model: torch.nn.Module, value: float, metric: str) -> float:
+    """``value`` unchanged, or a QuantizationError naming the NaN/Inf weights that made it undefined."""
+    if math.isfinite(value):
+        return value
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    cause = f"NaN or Inf weights in {', '.join(bad[:3])}" if bad else "activations overflow (weights too large?)"
+    raise QuantizationError(f"the model's outputs are NaN or Inf ({cause}), so its {metric} is undefined; "
+                            "fix or replace the checkpoint")
+
+
 def compute_dtype_name(model: torch.nn.Module, dtype: str | None) -> str:
     return dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
 
@@ -123,15 +134,16 @@ def score_windows(model, stream: TokenStream, windows: list[Window],
     device = model_device(model)
     for start in range(0, len(windows), config.batch_size):
         batch = windows[start : start + config.batch_size]
-        inputs = torch.stack([stream.ids[w.begin : w.end] for w in batch]).to(device)  # (B, L)
-        length = inputs.shape[1]
+        tokens = torch.stack([stream.ids[w.begin : w.end] for w in batch]).to(device)  # (B, L)
+        # The window's last token is only ever a target, so the model sees the first L - 1:
+        # predictor p (0 <= p < L - 1) scores token p + 1, exactly as lm-eval feeds its windows.
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1) each
         with torch.inference_mode(), compute_context(model, config.dtype):
-            logits = model(input_ids=inputs, use_cache=False).logits  # (B, L, V)
-        # Predictor p scores token p + 1, so a window's last n_scored tokens come from p >= L - 1 - n.
-        first = torch.tensor([length - 1 - w.n_scored for w in batch], device=device)  # (B,)
-        positions = torch.arange(length - 1, device=device)  # (L-1,)
-        mask = positions[None, :] >= first[:, None]  # (B, L-1)
+            logits = model(input_ids=inputs, use_cache=False).logits  # (B, L-1, V)
+        # A window's last n_scored tokens are predicted by positions p >= L - 1 - n_scored.
+        first = torch.tensor([inputs.shape[1] - w.n_scored for w in batch], device=device)  # (B,)
+        mask = torch.arange(inputs.shape[1], device=device)[None, :] >= first[:, None]  # (B, L-1)
         # fp32 log-softmax whatever the compute dtype: bf16 sums over a vocabulary lose ~3 digits.
         with torch.inference_mode():
-            logprobs = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (n, V)
-        yield logprobs, inputs[:, 1:][mask]
+            logprobs = torch.log_softmax(logits[mask].float(), dim=-1)  # (n, V)
+        yield logprobs, targets[mask]

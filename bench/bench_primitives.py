@@ -4,8 +4,10 @@ The copy (``w.clone()``) is the memory-bandwidth floor: fake-quantizing must rea
 write a new one, as the copy does, plus one read for the min-max reduction. Every format is run
 eagerly and through the fused (torch.compile'd) kernels; all timings are taken interleaved in
 one run (each repeat times the copy and then every case), so that load from other processes
-hits them alike, and the median over repeats is reported after a warm-up call (which also
-compiles the fused kernels; its time is shown as "first call").
+hits them alike. Each ratio is the median over repeats against the median copy, after a warm-up
+call (which also compiles the fused kernels; its time is shown as "first call"); next to it, in
+brackets, the best time against the best copy, which bursts of load from other processes affect
+least.
 
     python bench/bench_primitives.py [--size 4096] [--repeats 9] [--threads N]
 """
@@ -57,13 +59,18 @@ def warm_up(w: torch.Tensor, cases: dict) -> dict:
     return {"first": first, "identical": identical}
 
 
-def measure(w: torch.Tensor, cases: dict, repeats: int) -> tuple[float, dict]:
+def measure(w: torch.Tensor, cases: dict, repeats: int) -> tuple[list[float], dict]:
     copy_times, times = [], {key: [] for key in cases}
     for _ in range(repeats):
         copy_times.append(timed(w.clone))
         for key, fn in cases.items():
             times[key].append(timed(fn))
-    return statistics.median(copy_times), {key: statistics.median(ts) for key, ts in times.items()}
+    return copy_times, times
+
+
+def ratio_text(times: list[float], copy_times: list[float]) -> str:
+    median = statistics.median(times) / statistics.median(copy_times)
+    return f"{median:.2f} ({min(times) / min(copy_times):.2f})"
 
 
 def main() -> None:
@@ -79,15 +86,18 @@ def main() -> None:
     previous_mode = kernels.fused_mode()
     try:
         warm = warm_up(w, cases)
-        copy_s, medians = measure(w, cases, args.repeats)
+        copy_times, times = measure(w, cases, args.repeats)
     finally:
         kernels.set_fused_mode(previous_mode)
     print(f"fake_quantize of a {args.size}x{args.size} fp32 weight, {torch.get_num_threads()} thread(s), "
-          f"median of {args.repeats}; copy (w.clone()) = {copy_s * 1e3:.1f} ms")
-    print(f"{'format':<16}{'eager ms':>10}{'x copy':>8}{'fused ms':>10}{'x copy':>8}{'first call s':>14}  fused == eager")
+          f"{args.repeats} repeats; copy (w.clone()) = {statistics.median(copy_times) * 1e3:.1f} ms median, "
+          f"{min(copy_times) * 1e3:.1f} ms best")
+    print(f"{'format':<16}{'eager ms':>10}{'x copy (best)':>16}{'fused ms':>10}{'x copy (best)':>16}"
+          f"{'first call s':>14}  fused == eager")
     for name in FORMATS:
-        eager, fused = medians[name, "never"], medians[name, "always"]
-        print(f"{name:<16}{eager * 1e3:>10.1f}{eager / copy_s:>8.2f}{fused * 1e3:>10.1f}{fused / copy_s:>8.2f}"
+        eager, fused = times[name, "never"], times[name, "always"]
+        print(f"{name:<16}{statistics.median(eager) * 1e3:>10.1f}{ratio_text(eager, copy_times):>16}"
+              f"{statistics.median(fused) * 1e3:>10.1f}{ratio_text(fused, copy_times):>16}"
               f"{warm['first'][name, 'always']:>14.1f}  {warm['identical'][name]}")
 
 

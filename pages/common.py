@@ -1,14 +1,25 @@
 """Streamlit helpers shared by app.py and the pages: the sidebar, cached loaders, session folders.
 
-This is the only module besides the pages that imports streamlit. Models are cached with
-``st.cache_resource`` (one copy shared by every browser session, never modified: quantization
-always works on a copy), and results with ``st.cache_data`` keyed by the model's cache key.
+This is the only module besides the pages that imports streamlit. Caching, so that returning to a
+page is instant:
+
+- models: ``st.cache_resource``, one copy shared by every browser session and never modified
+  (quantization builds new blocks, the pipeline never touches the original);
+- a page's tables and figures: ``cached_view`` (``st.cache_resource`` too: no copy per hit, see there);
+- long work that reports progress (quantization runs, calibration passes, sensitivity):
+  ``ResultStore``, a bounded memo, because ``st.cache_data`` replays the elements a cached function
+  draws into and a progress bar belongs to the page that called it;
+- small results that need a private copy per session: ``st.cache_data``.
+
+Every cache key starts with ``results_key()``: the model choice and the loaded object.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -42,6 +53,12 @@ FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
 GROUP_SIZES = (16, 32, 64, 128, 256)
 GRANULARITIES = ("per-channel", "group", "per-tensor")
 _SESSION_FOLDER_KEY = "_quantlab_session_folder"
+
+# Everything imported by now (torch, transformers, pandas, plotly: millions of objects) lives as long as
+# the process. Frozen once, at first import, it is no longer re-scanned by every full garbage collection,
+# which otherwise adds up to a second to a page switch on a busy 2-core machine (bench/bench_pages.py).
+# Objects created later, sessions' work included, are collected as usual.
+gc.freeze()
 
 
 # --- per-session temporary folder --------------------------------------------------------------
@@ -126,7 +143,7 @@ class ModelChoice:
 
     @property
     def key(self) -> str:
-        """Identifies the weights for st.cache_data (a path already holds the content hash)."""
+        """Identifies the chosen weights (an upload's path already holds its content hash)."""
         return f"{self.source or self.weights_path}@{self.device}"
 
 
@@ -154,7 +171,7 @@ def current_model() -> models.LoadedModel | None:
 
 
 def results_key() -> str:
-    """Keys st.cache_data results: the choice plus the loaded object, so a reloaded model never meets stale results."""
+    """Keys cached results: the choice plus the loaded object, so a reloaded model never meets stale results."""
     choice = model_choice()
     loaded = current_model()
     return choice.key if loaded is None else f"{choice.key}#{id(loaded.model)}"
@@ -284,6 +301,18 @@ EVAL_TOKEN_CHOICES = (512, 1024, 2048, 4096, 8192, 16384)
 CALIB_LEN_CHOICES = (64, 128, 256, 512, 1024, 2048)
 
 
+def _env_limit(name: str, default: int) -> int:
+    """A positive whole number from the environment (set before ``streamlit run``); ``default`` otherwise."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
+
+
+# How much one click may compute on a shared workshop server (README "Workshop server").
+MAX_SWEEP_CONFIGS = _env_limit("QUANTLAB_MAX_SWEEP_CONFIGS", 10)
+MAX_CALIB_SAMPLES = _env_limit("QUANTLAB_MAX_CALIB_SAMPLES", 512)
+MAX_EVAL_TOKENS = _env_limit("QUANTLAB_MAX_EVAL_TOKENS", EVAL_TOKEN_CHOICES[-1])
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How much text a run calibrates and evaluates on: small by default so that results come fast."""
@@ -303,9 +332,12 @@ def run_settings(key: str) -> RunSettings:
     with st.expander("Run settings: calibration and evaluation sizes"):
         explain("calibration")
         left, mid, right = st.columns(3)
-        samples = left.number_input("Calibration sequences", 1, 512, default.calib_samples, key=f"{key}_cs")
+        samples = left.number_input("Calibration sequences", 1, MAX_CALIB_SAMPLES,
+                                    min(default.calib_samples, MAX_CALIB_SAMPLES), key=f"{key}_cs")
         length = mid.select_slider("Tokens per sequence", CALIB_LEN_CHOICES, default.calib_len, key=f"{key}_cl")
-        tokens = right.select_slider("Evaluation tokens", EVAL_TOKEN_CHOICES, default.eval_tokens, key=f"{key}_et",
+        choices = [t for t in EVAL_TOKEN_CHOICES if t <= MAX_EVAL_TOKENS] or [EVAL_TOKEN_CHOICES[0]]
+        tokens = right.select_slider("Evaluation tokens", choices, min(default.eval_tokens, choices[-1]),
+                                     key=f"{key}_et",
                                      help="Held-out tokens for perplexity and KL (causal LMs). More is steadier, "
                                           "slower.")
     return RunSettings(int(samples), int(length), int(tokens))

@@ -3,8 +3,8 @@
 import streamlit as st
 
 from pages.common import (
-    cached_quantized, cached_run, download_json, download_table, export_zip, progress_callback, require_model,
-    results_key, run_settings, user_errors,
+    cached_quantized, cached_run, cached_view, download_json, download_table, export_zip, progress_callback,
+    require_model, results_key, run_settings, user_errors,
 )
 from quantlab import plots, records
 from quantlab.analysis import runs as run_tables
@@ -14,12 +14,12 @@ DEFAULT_CONFIGS = ["int8", "int4-g128", "int4-g64"]
 PROMPTS = {"causal": "def read_config(path):\n", "encoder": ""}
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@cached_view(max_entries=64)
 def _generate(key: str, config_name: str, settings, prompt: str, n_tokens: int, _model, _tokenizer) -> str:
     return run_tables.generate_text(_model, _tokenizer, prompt, n_tokens)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@cached_view(max_entries=16)
 def _record(key: str, names: tuple, settings, _results, _loaded) -> dict:
     return records.build_record(_results, _loaded, kind="sweep").to_dict()
 
@@ -77,7 +77,7 @@ download_table(errors, "compare_layer_errors")
 if loaded.kind == "causal" and loaded.tokenizer is not None:
     st.subheader("Generations from the same prompt")
     prompt = st.text_area("Prompt", PROMPTS["causal"], key="c_prompt")
-    n_tokens = st.slider("New tokens", 8, 128, 48, key="c_tokens")
+    n_tokens = st.slider("New tokens", 8, 128, 32, key="c_tokens")
     models_by_name = {"fp": loaded.model, **{name: model for name, (model, _) in quantized.items()}}
     for column, (name, model) in zip(st.columns(len(models_by_name)), models_by_name.items()):
         with user_errors():

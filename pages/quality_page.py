@@ -5,8 +5,8 @@ import json
 import streamlit as st
 
 from pages.common import (
-    cached_run, current_model, download_json, download_table, explain, progress_callback, quality_session,
-    result_store, results_key, run_settings, user_errors,
+    MAX_SWEEP_CONFIGS, cached_run, cached_view, current_model, download_json, download_table, explain,
+    progress_callback, quality_session, result_store, results_key, run_settings, user_errors,
 )
 from quantlab import plots, records
 from quantlab.analysis import runs as run_tables
@@ -16,7 +16,7 @@ from quantlab.pipeline import DEFAULT_SWEEP
 SENSITIVITY_FORMATS = ("int4-per-channel", "int4-g128", "int3-g128", "int2-g64")
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+@cached_view(max_entries=8)
 def _open_record(data: bytes, name: str) -> records.RunRecord:
     try:
         document = json.loads(data)
@@ -49,7 +49,8 @@ loaded = current_model()
 with run_tab:
     if loaded is None:
         st.info("Running a sweep needs a model that runs; choose one in the sidebar, or open a sweep file.")
-    names = st.multiselect("Configurations", list(DEFAULT_SWEEP), default=list(DEFAULT_SWEEP), key="q_configs",
+    names = st.multiselect("Configurations", list(DEFAULT_SWEEP), default=list(DEFAULT_SWEEP)[:MAX_SWEEP_CONFIGS],
+                           max_selections=MAX_SWEEP_CONFIGS, key="q_configs",
                            help="The CLI's default sweep. Names follow `python -m quantlab sweep --configs`.")
     settings = run_settings("q")
     if st.button("Run sweep", type="primary", key="q_run", disabled=not names or loaded is None):

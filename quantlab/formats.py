@@ -171,8 +171,9 @@ class QuantFormat:
         Keyword ``overrides`` (e.g. ``scale_dtype="fp32"``) replace fields afterwards.
         """
         match = re.fullmatch(
-            r"(int(?P<bits>\d+)|(?P<kind>fp8-e4m3|fp8-e5m2|nf4))"
-            r"(-(?P<gran>g(?P<gs>\d+)|per-channel|per-tensor|channel|tensor))?(?P<asym>-asym)?",
+            # ASCII digits, bounded: \d also takes other scripts' digits, and int() refuses 4300+ of them.
+            r"(int(?P<bits>[0-9]{1,3})|(?P<kind>fp8-e4m3|fp8-e5m2|nf4))"
+            r"(-(?P<gran>g(?P<gs>[0-9]{1,9})|per-channel|per-tensor|channel|tensor))?(?P<asym>-asym)?",
             text.strip().lower(),
         )
         if not match:

@@ -119,7 +119,7 @@ def fused_mode() -> str:
     return _mode
 
 
-def run(kernel: Callable[..., torch.Tensor], blocks: torch.Tensor, *args, fused: Callable | None = None) -> torch.Tensor:
+def run(kernel: Callable[..., torch.Tensor], blocks: torch.Tensor, *args, fused: Callable | None = None):
     """``kernel(blocks, *args)``, through the compiled form of ``fused`` (default: ``kernel``, and it
     must give the same result) when the mode and the size call for it.
 

@@ -116,7 +116,9 @@ def _quantile(blocks: torch.Tensor, q: float) -> torch.Tensor:
     return blocks.kthvalue(k, dim=-1, keepdim=True).values
 
 
-def _qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (rounded to its storage dtype, returned in fp32) and zero-point for a range.
 
     Symmetric formats get ranges (-hi, hi) from ``_block_range`` (and the MSE search keeps that),
@@ -168,7 +170,11 @@ def _check_finite(lo: torch.Tensor, hi: torch.Tensor) -> None:
 
 def choose_qparams(x: torch.Tensor, fmt: QuantFormat) -> QParams:
     """Pick the scale (and zero-point) of every block with the format's range method."""
-    blocks = to_blocks(x, fmt)  # (rows, groups, g)
+    return _qparams_of_blocks(to_blocks(x, fmt), fmt)[0]
+
+
+def _qparams_of_blocks(blocks: torch.Tensor, fmt: QuantFormat) -> tuple[QParams, torch.Tensor]:
+    """``choose_qparams`` on fp32 blocks (rows, groups, g); also the scale as fp32, ready to use."""
     lo, hi = _block_range(blocks, fmt)
     if fmt.range_method == "mse":
         ratio = _mse_search(blocks, lo, hi, fmt)
@@ -176,7 +182,7 @@ def choose_qparams(x: torch.Tensor, fmt: QuantFormat) -> QParams:
     else:
         ratio = torch.ones_like(lo)
     scale, zero_point = _qparams_from_range(lo, hi, fmt)
-    return QParams(scale.to(fmt.torch_scale_dtype), zero_point, ratio)
+    return QParams(scale.to(fmt.torch_scale_dtype), zero_point, ratio), scale
 
 
 def _mse_search(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -199,16 +205,17 @@ def _nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return levels, (levels[1:] + levels[:-1]) / 2
 
 
-def _encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat) -> torch.Tensor:
+def _encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat):
     """Codes for fp32 blocks with fp32 scale: ints as integer-valued fp32, NF4 as int32 index, FP8 as float8."""
     if fmt.kind == "int":
         return kernels.run(kernels.int_codes, blocks, scale, zero_point, fmt.qmin, fmt.qmax)
     if fmt.kind == "nf4":
-        return kernels.run(kernels.nf4_codes, blocks, scale, _nf4_tables(blocks.device)[1], fused=kernels.nf4_codes_select)
+        midpoints = _nf4_tables(blocks.device)[1]
+        return kernels.run(kernels.nf4_codes, blocks, scale, midpoints, fused=kernels.nf4_codes_select)
     return kernels.run(kernels.fp8_codes, blocks, scale, _grid_max(fmt), FP8_DTYPES[fmt.kind])
 
 
-def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat) -> torch.Tensor:
+def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat):
     """fp32 values of stored codes (int8/uint8 ints, uint8 NF4 indices or float8)."""
     if fmt.kind == "int":
         return kernels.int_values(codes.float(), scale, zero_point)
@@ -235,10 +242,12 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = None) 
     """
     blocks = to_blocks(x, fmt)
     if qparams is None:
-        qparams = choose_qparams(x, fmt)
+        qparams, scale = _qparams_of_blocks(blocks, fmt)
     elif torch.isnan(blocks).any():
         raise QuantizationError("tensor has NaN values, which have no code; fix or drop them before quantizing")
-    codes = _encode(blocks, qparams.scale.float(), qparams.zero_point, fmt)
+    else:
+        scale = qparams.scale.float()
+    codes = _encode(blocks, scale, qparams.zero_point, fmt)
     if fmt.kind == "int":
         codes = codes.to(torch.int8 if fmt.symmetric else torch.uint8)
     elif fmt.kind == "nf4":
@@ -270,9 +279,9 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = N
     Equal, bit for bit, to ``dequantize(quantize(x, fmt, qparams))``. With given ``qparams``,
     NaN stays NaN and out-of-range values (Inf included) clamp to the grid's ends.
     """
-    qparams = qparams or choose_qparams(x, fmt)
-    blocks = to_blocks(x, fmt)
-    out = _fake_blocks(blocks, qparams.scale.float(), qparams.zero_point, fmt)
+    blocks = to_blocks(x, fmt)  # fp32: a copy for fp16/bf16 input, made once for both steps
+    qparams, scale = _qparams_of_blocks(blocks, fmt) if qparams is None else (qparams, qparams.scale.float())
+    out = _fake_blocks(blocks, scale, qparams.zero_point, fmt)
     return out.reshape(x.shape).to(x.dtype)
 
 

@@ -125,14 +125,15 @@ def _check_entry(path: Path, name: str, entry, data_len: int) -> tuple[TensorInf
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise _corrupt(path, f"tensor {name!r} lacks dtype, shape or data_offsets")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:  # a JSON list or object is unhashable
         raise ModelLoadError(
             f"{path.name}: tensor {name!r} has dtype {code!r}, which QuantLab cannot read; "
             f"supported: {', '.join(SAFETENSORS_DTYPES)}"
         )
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    # type(...) is int: JSON true/false arrive as Python bools, which isinstance(..., int) would accept.
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
@@ -194,12 +195,20 @@ def _index_shards(index: Path) -> list[Path]:
 
 def load_pickled(path: Path) -> dict[str, torch.Tensor]:
     """A ``.bin``/``.pt`` state dict, through ``torch.load(weights_only=True)`` only."""
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    # torch.save writes a zip archive ("PK"); old torch versions a pickle stream (protocol byte 0x80).
+    # Anything else (an image, a text file) would otherwise be reported as a refused pickle.
+    if head != b"PK" and head[:1] != b"\x80":
+        raise ModelLoadError(f"{path.name} is not a PyTorch weights file (it is neither a zip archive nor a pickle); "
+                             "give .safetensors, .bin or .pt weights")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))  # what the pickle asked to import, if torch says
         raise ModelLoadError(
-            f"refused to load {path.name}: it holds Python objects or code, not just tensors "
-            f"({str(exc).splitlines()[0][:120]}); convert it to safetensors from a trusted environment"
+            f"refused to load {path.name}: it holds Python objects or code, not just tensors"
+            f"{f' (it imports {wanted[1]})' if wanted else ''}; convert it to safetensors from a trusted environment"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise ModelLoadError(f"{path.name} is not a readable PyTorch weights file ({exc}); save it again") from None

@@ -297,8 +297,9 @@ def test_bad_settings_are_format_errors(kwargs):
 
 
 def test_ctx_longer_than_the_model_is_refused(tiny_llama, tokenizer, text):
+    assert perplexity(tiny_llama, tokenizer, text, EvalConfig(ctx=257, max_tokens=600)).ctx == 257  # sees 256
     with pytest.raises(FormatError, match="256 positions"):
-        perplexity(tiny_llama, tokenizer, text, EvalConfig(ctx=512))
+        perplexity(tiny_llama, tokenizer, text, EvalConfig(ctx=258))
 
 
 # --- the eval command --------------------------------------------------------------------------------------

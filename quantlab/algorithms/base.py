@@ -222,7 +222,7 @@ ALIASES = {
     "kv-int8": "fp-kv-int8", "kv-int4": "fp-kv-int4", "kv-fp8": "fp-kv-fp8",
 }
 _KV_SUFFIX = re.compile(r"-?kv-(?P<fmt>int8|int4|fp8)(?P<head>-per-head)?$")
-_ACT_SUFFIX = re.compile(r"-a(?P<bits>\d+)(?P<static>-static)?$")
+_ACT_SUFFIX = re.compile(r"-a(?P<bits>[0-9]{1,3})(?P<static>-static)?$")  # ASCII, bounded, as QuantFormat.parse
 _METHOD_PREFIX = re.compile(r"^(?P<method>fp|rtn|gptq|awq|smoothquant|sq)(-|$)")
 
 

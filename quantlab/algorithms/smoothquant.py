@@ -14,6 +14,12 @@ unchanged before quantization; the division folds into the previous norm or line
 architecture allows, and is otherwise kept as ``QuantizedLinear.input_scale``, which computes the
 very same numbers (see :mod:`quantlab.algorithms.scaling`).
 
+Which linears are smoothed: those fed by a normalization (roles q/k/v, gate/up), as in the
+reference. The outlier channels live in the residual stream that the norms read; the inputs of
+o and down (attention context, an activation function's output) have none of that structure, and
+on MiniLM smoothing ``output.dense`` with α = 0.5 makes its static INT8 error *worse* (the
+weight columns' spread moves into the activations). Those linears are quantized W8A8 as is.
+
 Search is separate from apply: ``compute_smoothing`` returns the scales as data; ``process_block``
 folds them, quantizes the weights (per channel with the default W8 format) and attaches an
 activation quantizer calibrated on the smoothed inputs.
@@ -31,6 +37,8 @@ from quantlab.algorithms.rtn import rtn_quantize
 from quantlab.algorithms.scaling import (
     MIN_SCALE, ScaleGroup, finish_scaled_linear, fold_scales, scale_groups, shared_inputs,
 )
+
+SMOOTHED_ROLES = ("q", "k", "v", "qkv", "gate", "up")  # the linears a norm feeds (see above)
 
 if TYPE_CHECKING:
     from quantlab.algorithms.base import LayerResult
@@ -76,10 +84,12 @@ def compute_smoothing(group: ScaleGroup, act_absmax: torch.Tensor, weights: list
 
 
 def smooth_block(ctx: BlockContext, inputs: dict) -> list[Smoothing]:
-    """Compute every group's smoothing from the calibration statistics and fold it into ``ctx.block``."""
+    """Compute the smoothing of every norm-fed group and fold it into ``ctx.block``."""
     groups = scale_groups(ctx.block, ctx.spec, list(ctx.linears), shared_inputs(inputs))
     smoothings = []
     for group in groups:
+        if any(ctx.linears[name].role not in SMOOTHED_ROLES for name in group.linears):
+            continue
         weights = [ctx.weight(name) for name in group.linears]
         act_absmax = inputs[group.linears[0]].stats.absmax.to(weights[0].device)
         smoothing = compute_smoothing(group, act_absmax, weights, ctx.config.smooth_alpha)
@@ -98,11 +108,15 @@ def process_block(ctx: BlockContext) -> list[LayerResult]:
     smoothing_of = {name: smoothing for smoothing in smoothings for name in smoothing.group.linears}
     results = []
     for name in ctx.linears:  # block order
-        start, smoothing = time.perf_counter(), smoothing_of[name]
+        start, smoothing = time.perf_counter(), smoothing_of.get(name)
         quantized = rtn_quantize(ctx.weight(name), ctx.config.weight_format)
+        timing = {"seconds": search_seconds + time.perf_counter() - start, "clipped_fraction": quantized.clipped_fraction}
+        if smoothing is None:
+            results.append(ctx.finish_linear(name, quantized.quantized, inputs[name], extra={"smoothed": False}, **timing))
+            continue
         results.append(finish_scaled_linear(
-            ctx, name, quantized.quantized, inputs[name], smoothing.group, smoothing.scales,
-            seconds=search_seconds + time.perf_counter() - start, clipped_fraction=quantized.clipped_fraction,
-            extra={"smooth_group": smoothing.group.name, "folded": smoothing.group.folded, "alpha": smoothing.alpha},
+            ctx, name, quantized.quantized, inputs[name], smoothing.group, smoothing.scales, **timing,
+            extra={"smoothed": True, "smooth_group": smoothing.group.name, "folded": smoothing.group.folded,
+                   "alpha": smoothing.alpha},
         ))
     return results

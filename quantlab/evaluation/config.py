@@ -18,7 +18,7 @@ _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length
 class EvalConfig:
     """How to evaluate. ``None`` fields are filled from the model by :meth:`resolved`."""
 
-    ctx: int | None = None  # tokens per window; None: the model's context, at most 2048 (as GPTQ)
+    ctx: int | None = None  # tokens per window, incl. the last target; None: model's context, <= 2048 (GPTQ)
     stride: int | None = None  # tokens between window starts; None: ctx, non-overlapping windows (GPTQ)
     max_tokens: int | None = None  # cap on the text's tokens, for quick looks; None: the whole text
     batch_size: int | None = None  # windows per forward pass; None: what fits LOGITS_BUDGET_BYTES
@@ -49,8 +49,10 @@ class EvalConfig:
         """A copy with ctx, stride and batch_size filled in for ``model``, checked against its context."""
         limit = model_context_length(model)
         ctx = self.ctx if self.ctx is not None else min(limit or MAX_DEFAULT_CTX, MAX_DEFAULT_CTX)
-        if limit is not None and ctx > limit:
-            raise FormatError(f"ctx {ctx} is longer than the model's {limit} positions; use --ctx {limit} or less")
+        # The model sees ctx - 1 tokens of a window: its last token is only ever a target.
+        if limit is not None and ctx - 1 > limit:
+            raise FormatError(f"ctx {ctx} is longer than the model's {limit} positions allow; "
+                              f"use --ctx {limit + 1} or less")
         stride = self.stride if self.stride is not None else ctx
         if stride > ctx:
             raise FormatError(f"stride {stride} is larger than ctx {ctx}; use a stride of at most {ctx}")

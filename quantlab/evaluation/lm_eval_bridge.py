@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TASKS = ("wikitext", "hellaswag", "arc_easy")
 _LOCAL_TASK = "quantlab_local_text"
 _ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+# lm-eval's own defaults for these metrics, spelled out so that it does not warn about each one.
+_AGGREGATIONS = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+                 "bits_per_byte": "bits_per_byte"}
 
 
 @dataclass(frozen=True)
@@ -78,17 +81,19 @@ def lm_eval_rolling(model, tokenizer, text: str, max_length: int, batch_size: in
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
 
+    metrics = [{"metric": name, "aggregation": _AGGREGATIONS[name], "higher_is_better": False}
+               for name in _ROLLING_METRICS]
     task = {
         "task": _LOCAL_TASK, "custom_dataset": partial(_one_document, text), "test_split": "test",
         "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": _page,
-        "process_results": process_results, "metric_list": [{"metric": name} for name in _ROLLING_METRICS],
+        "process_results": process_results, "metric_list": metrics,
     }
     lm = _hflm(model, tokenizer, max_length, batch_size)
     # A manager without lm-eval's built-in tasks: indexing their 14k configs would take ~10 s.
     output = lm_eval.simple_evaluate(model=lm, tasks=[task], bootstrap_iters=0, log_samples=False,
                                      task_manager=TaskManager(include_defaults=False))
-    metrics = output["results"][_LOCAL_TASK]
-    return LmEvalRolling(*(float(metrics[f"{name},none"]) for name in _ROLLING_METRICS), max_length=max_length)
+    scores = output["results"][_LOCAL_TASK]
+    return LmEvalRolling(*(float(scores[f"{name},none"]) for name in _ROLLING_METRICS), max_length=max_length)
 
 
 def run_lm_eval_tasks(model, tokenizer, tasks=DEFAULT_TASKS, limit: int | float | None = None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from quantlab.activations import calibrated_quantizer
 from quantlab.algorithms.base import CalibConfig, LayerResult, QuantConfig, output_error, weight_error
 from quantlab.architectures import ArchSpec, LinearInfo, find_blocks, find_linears, spec_for, weight_matrix
 from quantlab.errors import DataError, FormatError
@@ -215,8 +216,6 @@ class BlockContext:
         collected) or else ``input_scale``. ``act_quantizer`` defaults to one built from
         ``config.act`` (static scales observed on ``inputs.inputs``).
         """
-        from quantlab.activations import calibrated_quantizer
-
         module = self.block.get_submodule(local_name)
         W = reference_weight if reference_weight is not None else weight_matrix(module).detach().float()
         quantized = replace(quantized, dtype=weight_matrix(module).dtype)

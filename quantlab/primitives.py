@@ -301,17 +301,21 @@ def error_report(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = No
     """Clipped fraction and the error split into its clipping and rounding parts."""
     qparams = qparams or choose_qparams(x, fmt)
     xf = x.float()
-    sq_err = (fake_quantize(x, fmt, qparams).float() - xf).pow(2)
+    # Squares are taken relative to the peak |x|: those of denormal weights (< 1e-38) underflow to 0
+    # in fp32, which would report no error at all; the peak's square is applied back in float64.
+    peak = xf.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) if x.numel() else xf.new_ones(())
+    sq_err = ((fake_quantize(x, fmt, qparams).float() - xf) / peak).pow(2)
     mask = clipped_mask(x, fmt, qparams)
     n = max(1, x.numel())
+    peak_sq = peak.item() ** 2
     total = sq_err.sum().item()
     clip = sq_err[mask].sum().item()
     return ErrorReport(
         clipped_fraction=mask.sum().item() / n,
-        mse=total / n,
-        relative_error=total / max(xf.pow(2).sum().item(), 1e-30),
-        clipping_mse=clip / n,
-        rounding_mse=(total - clip) / n,
+        mse=total * peak_sq / n,
+        relative_error=total / max((xf / peak).pow(2).sum().item(), 1e-30),
+        clipping_mse=clip * peak_sq / n,
+        rounding_mse=(total - clip) * peak_sq / n,
     )
 
 

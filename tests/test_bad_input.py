@@ -135,13 +135,19 @@ def test_evaluating_nan_weights_names_them_instead_of_printing_nan(corpus, sandb
                    f"NaN or Inf weights in {LAYER}", capsys)
 
 
-@pytest.mark.parametrize("case", ["denormal", "zero rows"])
-def test_denormal_and_zero_weights_quantize_to_finite_results(corpus, sandbox, capsys, case):
-    code, out, err = cli(["quantize", str(corpus / f"model {case}"), *QUICK, "--json"], capsys)
+@pytest.mark.parametrize("case, options", [
+    ("denormal", []), ("zero rows", []),
+    ("huge", ["--scale-dtype", "bf16"]),  # the advice of the 1e30 case's message works
+])
+def test_extreme_weights_quantize_to_finite_results(corpus, sandbox, capsys, case, options):
+    code, out, err = cli(["quantize", str(corpus / f"model {case}"), *QUICK, *options, "--json"], capsys)
     assert code == 0, err
     document = json.loads(out)
     assert math.isfinite(document["perplexity"]) and document["perplexity"] > 1
-    assert all(math.isfinite(layer["weight_error"]) for layer in document["layers"])
+    errors = {layer["name"] + ".weight": layer["weight_error"] for layer in document["layers"]}
+    assert all(math.isfinite(error) for error in errors.values())
+    # Denormal weights are below the smallest scale: the whole layer rounds to 0, a relative error of 1.
+    assert (errors[LAYER] == pytest.approx(1.0)) == (case == "denormal")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -304,10 +310,15 @@ def test_weights_page_explains_values_it_cannot_quantize(app, case, message):
 
 
 def test_denormal_and_zero_uploads_show_finite_results(app):
-    for case in ("denormal", "zero rows"):
-        at = upload(app, "w.safetensors", saved_bytes({LAYER: poisoned(torch.randn(16, 64), case)}), "clipping")
-        assert not at.error
-        assert float(at.metric[0].value) <= 1.0  # the best clip ratio
+    for case, relative_error in (("denormal", 1.0), ("zero rows", None)):
+        data = saved_bytes({LAYER: poisoned(torch.randn(16, 64), case)})
+        at = upload(app, "w.safetensors", data, "weights")
+        shown = float(at.metric[1].value)  # relative error of the layer
+        assert shown == pytest.approx(relative_error) if relative_error else 0 < shown < 0.1
+        at.switch_page("pages/clipping_page.py").run()
+        assert not at.exception and not at.error
+        assert 0 < float(at.metric[0].value) <= 1.0  # the best clip ratio
+        assert at.metric[1].value.endswith("%") and "nan" not in at.metric[1].value
 
 
 def test_an_upload_over_the_limit_is_refused_with_the_limit(app):

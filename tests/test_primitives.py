@@ -301,6 +301,19 @@ def test_percentile_and_mse_clip_heavy_tails_for_lower_error_than_min_max():
 
 
 # --- fused kernels ----------------------------------------------------------------------------------------
+def test_nf4_select_chains_for_the_compiler_equal_bucketize():
+    # Run eagerly here (no compile): the select chains must give bucketize's answer bit for bit,
+    # at the midpoints themselves, beyond +-1, and on random values.
+    levels = torch.tensor(NF4_LEVELS)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    extra = torch.cat([midpoints, levels, torch.tensor([-3.0, 3.0, 0.0])])
+    blocks = torch.cat([torch.randn(4 * 64 - extra.numel(), generator=torch.Generator().manual_seed(0)), extra])
+    blocks, scale = blocks.reshape(4, 1, 64), torch.tensor([[[1.0]], [[0.5]], [[2.0]], [[1.0]]])
+    assert torch.equal(kernels.nf4_codes_select(blocks, scale, midpoints), kernels.nf4_codes(blocks, scale, midpoints))
+    assert torch.equal(kernels.fake_nf4_select(blocks, scale, midpoints, levels),
+                       kernels.fake_nf4(blocks, scale, midpoints, levels))
+
+
 def test_small_tensors_never_compile_in_auto_mode(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("torch.compile must not run for small tensors")

@@ -97,13 +97,15 @@ def test_folded_block_computes_the_same_outputs(kind, method):
         scales = torch.cat([s for _, s in found])
         assert not torch.allclose(scales, torch.ones_like(scales)), "the scales must actually move something"
         names = [name for group in groups for name in group.linears]
-        assert len(names) == len(set(names)), "every linear belongs to exactly one group"
+        assert len(names) == len(set(names)), "a linear belongs to one group at most"
     folded = {group.name for found, _ in reports for group, _ in found if group.folded}
-    expected = {"llama": {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"},
-                "gqa-llama": {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"},  # v (2 heads) -> o (4) cannot fold
-                "gpt2": {"ln_1", "ln_2"}, "opt": {"self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm"},
-                "bert": set()}[kind]
-    assert folded == expected
+    norms = {"llama": {"input_layernorm", "post_attention_layernorm"}, "gpt2": {"ln_1", "ln_2"},
+             "opt": {"self_attn_layer_norm", "final_layer_norm"}, "bert": set()}
+    norms["gqa-llama"] = norms["llama"]
+    # AWQ also folds into the linears before o and down; GQA's v (2 heads) cannot feed o (4 heads).
+    linears = {"llama": {"self_attn.v_proj", "mlp.up_proj"}, "gqa-llama": {"mlp.up_proj"},
+               "opt": {"self_attn.v_proj"}, "gpt2": set(), "bert": set()}
+    assert folded == norms[kind] | (linears[kind] if method == "awq" else set())
 
 
 def test_bert_qkv_share_one_input_scale(tiny_bert):
@@ -136,4 +138,5 @@ def test_smoothquant_keeps_minilm_w8a8_fidelity_higher(bundled_encoder, encoder_
     searches = smooth_result.searches["encoder.layer.0"]["smoothquant"]
     qkv = next(g for g in searches if g["group"] == "attention.self.query")
     assert qkv["act_outlier_ratio_after"] < qkv["act_outlier_ratio_before"]
-    assert all(layer.extra["alpha"] == 0.5 for layer in smooth_result.layers)
+    smoothed_roles = {layer.role for layer in smooth_result.layers if layer.extra["smoothed"]}
+    assert smoothed_roles == {"q", "k", "v", "up"}  # the norm-fed linears; o and down as they are

@@ -328,8 +328,8 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     ||X ΔWᵀ||²_F = tr(ΔW XᵀX ΔWᵀ), so any positive multiple of XᵀX (GPTQ's H = 2XᵀX/n included)
     gives the same ratio. W, W_hat: (out, in); H: (in, in), all in the same column order.
     """
-    W = W.float()
-    delta = W - W_hat.float()  # (out, in)
+    W, W_hat = _peak_normalised(W, W_hat)
+    delta = W - W_hat  # (out, in)
     num = ((delta @ H) * delta).sum().item()
     den = ((W @ H) * W).sum().item()
     return num / den if den > 0 else 0.0
@@ -337,6 +337,16 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
 
 def weight_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
     """||W - Ŵ||² / ||W||²."""
-    W = W.float()
+    W, W_hat = _peak_normalised(W, W_hat)
     den = W.pow(2).sum().item()
-    return (W - W_hat.float()).pow(2).sum().item() / den if den > 0 else 0.0
+    return (W - W_hat).pow(2).sum().item() / den if den > 0 else 0.0
+
+
+def _peak_normalised(W: torch.Tensor, W_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in fp32, divided by max |W|: the error ratios are scale-free, and this keeps them exact.
+
+    Squares of denormal weights (below 1e-38) underflow to 0 in fp32: a layer quantized to all
+    zeros would otherwise report no error at all.
+    """
+    peak = W.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    return W.float() / peak, W_hat.float() / peak

@@ -41,17 +41,19 @@ from quantlab.pipeline import check_config_fits
 from quantlab.primitives import error_report
 from quantlab.weightfiles import SAFETENSORS_DTYPES
 
-torch.manual_seed(0)
+RNG = torch.Generator().manual_seed(0)
 BASE_FILES = (  # real files written by safetensors: several dtypes, a matrix, an empty and a bool tensor
-    saved_bytes({"a": torch.randn(4, 8), "b": torch.randn(8).half(), "c": torch.zeros(2, 2, 2, dtype=torch.int8),
-                 "d": torch.randn(3, 16).bfloat16()}),
-    saved_bytes({"model.layers.0.mlp.down_proj.weight": torch.randn(16, 32)}),
-    saved_bytes({"x": torch.ones(0, 4), "flag": torch.ones(3, dtype=torch.bool), "w": torch.randn(2, 64)}),
+    saved_bytes({"a": torch.randn(4, 8, generator=RNG), "b": torch.randn(8, generator=RNG).half(),
+                 "c": torch.zeros(2, 2, 2, dtype=torch.int8), "d": torch.randn(3, 16, generator=RNG).bfloat16()}),
+    saved_bytes({"model.layers.0.mlp.down_proj.weight": torch.randn(16, 32, generator=RNG)}),
+    saved_bytes({"x": torch.ones(0, 4), "flag": torch.ones(3, dtype=torch.bool),
+                 "w": torch.randn(2, 64, generator=RNG)}),
 )
 FORMAT = QuantFormat.parse("int4-g16")
-ODD_VALUES = st.one_of(st.integers(-2**70, 2**70), st.floats(), st.text(max_size=6), st.none(), st.booleans(),
-                       st.lists(st.integers(-5, 2**40), max_size=4), st.dictionaries(st.text(max_size=3),
-                                                                                     st.integers(), max_size=2))
+ODD_VALUES = st.one_of(  # JSON values of every type, where the header expects something else
+    st.integers(-2**70, 2**70), st.floats(), st.text(max_size=6), st.none(), st.booleans(),
+    st.lists(st.integers(-5, 2**40), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
@@ -174,8 +176,9 @@ def check_group_size(group_size: int) -> None:
 
 
 # --- command lines --------------------------------------------------------------------------------
-SIZE_FILE = saved_bytes({"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64),
-                         "model.layers.0.mlp.down_proj.weight": torch.randn(64, 128), "model.norm.weight": torch.ones(64)})
+SIZE_FILE = saved_bytes({"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=RNG),
+                         "model.layers.0.mlp.down_proj.weight": torch.randn(64, 128, generator=RNG),
+                         "model.norm.weight": torch.ones(64)})
 NUMBERS = st.one_of(st.integers(-3, 300), st.sampled_from(("x", "1.5", "", "9" * 5000, "-0", "0x10")))
 
 

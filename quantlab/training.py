@@ -76,7 +76,7 @@ def build_model(cfg: TrainConfig) -> LlamaForCausalLM:
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=cfg.seq_len,  # the trained context: RoPE beyond it degrades fast
         tie_word_embeddings=True,
         bos_token_id=0,
         eos_token_id=0,

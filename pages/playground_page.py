@@ -97,7 +97,9 @@ st.caption("scaled = x / s (+ z) before rounding; code = the stored integer; deq
            "with; error = dequantized - x.")
 st.dataframe(result.table, hide_index=True, width="stretch")
 download_table(result.table, "playground_values")
+st.caption("One row per group: its scale, zero-point and the range its grid covers.")
 st.dataframe(result.groups, hide_index=True, width="stretch")
+download_table(result.groups, "playground_groups")
 
 with st.expander("Clipping and outliers"):
     st.write(GLOSSARY["outlier"].capitalize() + ". Press *Add an outlier*: the scale grows with the largest value, "

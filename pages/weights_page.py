@@ -59,6 +59,7 @@ with left:
 with right:
     st.plotly_chart(scales_figure, key="w_scales")
     explain("scale")
+download_table(views.histograms(), "weights_histograms")
 
 st.subheader("Before and after: two formats")
 names = [fmt.name, *[n for n in sizes.SIZE_FORMATS if n != fmt.name]]

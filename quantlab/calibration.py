@@ -283,7 +283,8 @@ def run_blocks(model: nn.Module, calib_ids: torch.Tensor | None, process_block: 
         if convert:
             _convert(ctx)
             new_blocks.append(ctx.block)
-        inputs = replace(inputs, hidden=ctx.run_block())  # the processed block feeds the next one
+        if index + 1 < len(blocks):
+            inputs = replace(inputs, hidden=ctx.run_block())  # the processed block feeds the next one
     if progress is not None:
         progress(1.0, "blocks done")
     return BlockRun(build_quantized_model(model, new_blocks) if convert else None, layers, searches)

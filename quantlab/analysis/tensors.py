@@ -253,6 +253,11 @@ class WeightViews:
     block: tuple[int, int]  # (row, group) whose grid is overlaid
     summary: dict  # format, bits per weight, error and clipping figures
 
+    def histograms(self) -> pd.DataFrame:
+        """The three histograms as one long table (column ``of``: weights, errors, scales), for download."""
+        parts = {"weights": self.weights, "errors": self.errors, "scales": self.scales}
+        return pd.concat([table.assign(of=name) for name, table in parts.items()], ignore_index=True)
+
 
 def weight_views(W: torch.Tensor, fmt: QuantFormat, which_block: str = "largest", bins: int = 120) -> WeightViews:
     """Histograms of a layer's weights, its quantization error and its scales, and one block's grid."""

@@ -3,9 +3,9 @@
 import streamlit as st
 
 from pages.common import (
-    cached_quantized, cached_run, cached_view, download_json, download_table, export_zip, progress_callback,
-    require_model, results_key, run_settings, user_errors,
+    cached_view, download_json, download_table, export_zip, progress_callback, require_model, results_key, user_errors,
 )
+from pages.runs import cached_quantized, cached_run, run_settings
 from quantlab import plots, records
 from quantlab.analysis import runs as run_tables
 from quantlab.pipeline import DEFAULT_SWEEP

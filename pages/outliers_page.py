@@ -4,8 +4,9 @@ import streamlit as st
 
 from pages.common import (
     cached_view, current_matrices, current_model, download_table, explain, matrix_picker, progress_callback,
-    result_store, results_key, user_errors,
+    results_key, user_errors,
 )
+from pages.runs import result_store
 from quantlab import plots
 from quantlab.algorithms.base import CalibConfig
 from quantlab.analysis import outliers

@@ -5,9 +5,9 @@ import json
 import streamlit as st
 
 from pages.common import (
-    MAX_SWEEP_CONFIGS, cached_run, cached_view, current_model, download_json, download_table, explain,
-    progress_callback, quality_session, result_store, results_key, run_settings, user_errors,
+    cached_view, current_model, download_json, download_table, explain, progress_callback, results_key, user_errors,
 )
+from pages.runs import MAX_SWEEP_CONFIGS, cached_run, quality_session, result_store, run_settings
 from quantlab import plots, records
 from quantlab.analysis import runs as run_tables
 from quantlab.formats import QuantFormat

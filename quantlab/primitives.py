@@ -10,7 +10,8 @@ Every granularity goes through one code path: the tensor is viewed as blocks of 
 Maths is done in fp32 whatever the input dtype (fp16's x/s overflows for small scales, bf16's
 8-bit mantissa cannot hold round(x/s) exactly), and results are cast back to the input dtype.
 Inputs are never modified. Scales are rounded to their storage dtype *before* the codes are
-computed, so that what ``dequantize`` returns is exactly what a packed file would give.
+computed, so that what ``dequantize`` returns is exactly what a packed file would give. The
+elementwise encode/decode runs through :mod:`quantlab.kernels` (one fused loop for large tensors).
 
 Example (INT4 symmetric per-tensor on four values)::
 
@@ -276,7 +277,7 @@ def to_blocks_codes(qt: Quantized) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = None) -> torch.Tensor:
     """Quantize then dequantize: same shape and dtype as ``x``, values on the format's grid.
 
-    Equal, bit for bit, to ``dequantize(quantize(x, fmt, qparams))``. With given ``qparams``,
+    Equal, bit for bit, to ``dequantize(quantize(x, fmt, qparams))`` for finite ``x``. With given ``qparams``,
     NaN stays NaN and out-of-range values (Inf included) clamp to the grid's ends.
     """
     blocks = to_blocks(x, fmt)  # fp32: a copy for fp16/bf16 input, made once for both steps

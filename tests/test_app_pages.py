@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from pages.common import SessionFolder, cached_model
+from pages.common import SessionFolder
 from quantlab import models
 from quantlab.algorithms.base import CalibConfig
 from quantlab.analysis import sizes
@@ -229,26 +229,3 @@ def test_compare_page_puts_configurations_side_by_side():
     generations = [c.value for c in at.code]
     assert len(generations) == 3 and all(g.startswith("def read_config(path):") for g in generations)
     assert at.get("plotly_chart")
-
-
-def _weights_checksum(model: torch.nn.Module) -> float:
-    return sum(float(p.double().abs().sum()) for p in model.parameters())
-
-
-def test_two_sessions_keep_their_own_results_and_the_shared_model_intact():
-    first = open_page("compare")
-    first.multiselect(key="c_configs").set_value(["int8"])
-    small_settings(first, "c")
-    first.button(key="c_run").click().run()
-    shared = cached_model(models.BUNDLED_LM, "cpu", False)  # the object both sessions were given
-    before = _weights_checksum(shared.model)
-    second = open_page("compare")
-    second.multiselect(key="c_configs").set_value(["int4-g64-asym"])
-    small_settings(second, "c")
-    second.button(key="c_run").click().run()
-    first.run()
-    assert not first.exception and not second.exception
-    assert list(first.dataframe[0].value["config"]) == ["fp", "rtn-int8-per-channel"]
-    assert list(second.dataframe[0].value["config"]) == ["fp", "rtn-int4-g64-asym"]
-    assert _weights_checksum(shared.model) == before
-    assert cached_model(models.BUNDLED_LM, "cpu", False) is shared

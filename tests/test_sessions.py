@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from pages import common
-from pages.common import RunSettings, cached_model
+from pages import runs
+from pages.common import cached_model
+from pages.runs import RunSettings
 from quantlab import models
 from quantlab.algorithms.base import parse_config_name
 from quantlab.evaluation import EvalConfig
@@ -157,7 +158,7 @@ def test_uploads_live_in_a_folder_per_session_named_by_content_and_go_with_the_s
 @pytest.mark.parametrize("value, expected", [("7", 7), (" 12 ", 12), ("0", 10), ("-3", 10), ("abc", 10), ("", 10)])
 def test_server_limits_come_from_the_environment_with_safe_defaults(monkeypatch, value, expected):
     monkeypatch.setenv("QUANTLAB_TEST_LIMIT", value)
-    assert common._env_limit("QUANTLAB_TEST_LIMIT", 10) == expected
+    assert runs._env_limit("QUANTLAB_TEST_LIMIT", 10) == expected
 
 
 def test_workshop_server_limits_bound_what_one_click_may_compute(monkeypatch):

@@ -51,7 +51,8 @@ def live_tensor_mib() -> float:
     """MiB of the storages of every tensor Python still holds (each storage once)."""
     storages = {}
     for obj in gc.get_objects():
-        if torch.is_tensor(obj) and obj.device.type != "meta":
+        # Exact types: compiled kernels leave FakeTensors (subclasses) that have no memory behind them.
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type != "meta":
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values()) / 2**20

@@ -162,9 +162,9 @@ def test_server_limits_come_from_the_environment_with_safe_defaults(monkeypatch,
 
 
 def test_workshop_server_limits_bound_what_one_click_may_compute(monkeypatch):
-    monkeypatch.setattr(common, "MAX_SWEEP_CONFIGS", 3)
-    monkeypatch.setattr(common, "MAX_CALIB_SAMPLES", 16)
-    monkeypatch.setattr(common, "MAX_EVAL_TOKENS", 2048)
+    monkeypatch.setattr(runs, "MAX_SWEEP_CONFIGS", 3)
+    monkeypatch.setattr(runs, "MAX_CALIB_SAMPLES", 16)
+    monkeypatch.setattr(runs, "MAX_EVAL_TOKENS", 2048)
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     at.switch_page("pages/quality_page.py").run()
     assert not at.exception, at.exception

@@ -18,4 +18,4 @@ test: setup browser-deps
 	$(PYTHON) -m pytest -q
 
 bench: setup
-	$(PYTHON) bench/run_all.py
+	for b in bench/bench_*.py; do $(PYTHON) $$b || exit 1; done

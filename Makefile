@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PORT ?= 8501
 
-.PHONY: setup run test bench browser-deps
+.PHONY: setup run test bench browser-deps screenshots
 
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -19,3 +19,7 @@ test: setup browser-deps
 
 bench: setup
 	for b in bench/bench_*.py; do $(PYTHON) $$b || exit 1; done
+
+# Refresh the committed screenshots README shows (the browser test, writing into assets/).
+screenshots: setup browser-deps
+	QUANTLAB_SCREENSHOTS=assets/screenshots $(PYTHON) -m pytest -q tests/test_browser.py

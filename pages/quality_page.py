@@ -37,6 +37,15 @@ st.write("Each configuration is a point: how many bits per weight it stores, and
 explain("PTQ")
 run_tab, open_tab = st.tabs(["Run a sweep", "Open a sweep file"])
 with open_tab:
+    bundled = records.bundled_sweeps()
+    if bundled:
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        example = left.selectbox("Measured sweep shipped with QuantLab", list(bundled), key="q_example",
+                                 help="Computed once with `python -m quantlab sweep --out FILE.json`; opens instantly.")
+        if right.button("Open", key="q_open_example"):
+            with user_errors():
+                record = _open_record(bundled[example].read_bytes(), bundled[example].name)
+            st.session_state["q_runs"] = (f"file: {record.model.name}", record.runs)
     upload = st.file_uploader("Sweep file (JSON from `python -m quantlab sweep --out FILE.json`)", type=["json"],
                               key="q_file")
     if upload is not None:

@@ -125,9 +125,11 @@ def bar_figure(table: pd.DataFrame, x: str, y: str, title: str, color: str | Non
 
 def heatmap_figure(z: np.ndarray, labels: Sequence[str], title: str, x_title: str, log_color: bool = True) -> go.Figure:
     """Layers (rows) by channels (columns); a log colour scale keeps both outliers and the bulk readable."""
-    values = np.log10(np.maximum(z, 1e-12)) if log_color else z
+    # float32 halves what the browser receives (plotly sends numpy arrays as typed binary), and the
+    # Outliers page's page-switch time is mostly the browser decoding and drawing this heatmap.
+    values = (np.log10(np.maximum(z, 1e-12)) if log_color else z).astype(np.float32)
     fig = go.Figure(go.Heatmap(
-        z=values, y=[short_name(name) for name in labels], colorscale="Viridis", customdata=z,
+        z=values, y=[short_name(name) for name in labels], colorscale="Viridis", customdata=z.astype(np.float32),
         hovertemplate="%{y}<br>channel %{x}<br>value %{customdata:.4g}<extra></extra>",
         colorbar=dict(title="log10" if log_color else "value"),
     ))

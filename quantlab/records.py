@@ -38,6 +38,8 @@ RECORD_FORMAT = "quantlab-run-record"
 RECORD_VERSION = 1
 RECORD_KINDS = ("quantize", "sweep")
 _HASH_CHUNK = 16 * 2**20  # read weights in 16 MiB pieces: constant memory for any model size
+# Sweeps measured by the project and shipped with it: a workshop opens one without computing anything.
+BUNDLED_SWEEPS = Path(__file__).resolve().parent.parent / "assets" / "sweeps"
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,11 @@ def read_record(path: str | Path) -> RunRecord:
         raise DataError(f"{path.name} is not a JSON run record ({exc}); pick a file written by "
                         "`quantlab sweep --out` or `quantlab quantize --record`") from None
     return record_from_dict(data, path.name)
+
+
+def bundled_sweeps() -> dict[str, Path]:
+    """The shipped sweep records by file stem, e.g. ``pystdlib-llama-4m-default``; empty if none ship."""
+    return {path.stem: path for path in sorted(BUNDLED_SWEEPS.glob("*.json"))}
 
 
 def record_from_dict(data, name: str = "record") -> RunRecord:

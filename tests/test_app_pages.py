@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
 from pages.common import SessionFolder
-from quantlab import models
+from quantlab import models, records
 from quantlab.algorithms.base import CalibConfig
 from quantlab.analysis import sizes
 from quantlab.pipeline import run_sweep, sweep_configs
@@ -213,6 +213,20 @@ def test_quality_page_opens_a_sweep_file(tmp_path):
     assert table["perplexity"].tolist() == pytest.approx([r.quality["perplexity"] for r in results])
     at.file_uploader(key="q_file").set_value(("bad.json", b"{not json", "application/json")).run()
     assert not at.exception and at.error
+
+
+def test_quality_page_opens_the_shipped_sweep_without_computing():
+    shipped = records.bundled_sweeps()
+    assert "pystdlib-llama-4m-default" in shipped  # the workshop's instant example
+    expected = records.read_record(shipped["pystdlib-llama-4m-default"])
+    at = open_page("quality")
+    at.selectbox(key="q_example").set_value("pystdlib-llama-4m-default")
+    at.button(key="q_open_example").click().run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert len(table) == len(expected.runs) == 10
+    assert table["perplexity"].tolist() == pytest.approx([r.quality["perplexity"] for r in expected.runs])
+    assert len(at.get("plotly_chart")) == 3
 
 
 def test_compare_page_puts_configurations_side_by_side():

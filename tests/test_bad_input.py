@@ -148,6 +148,9 @@ def test_extreme_weights_quantize_to_finite_results(corpus, sandbox, capsys, cas
     assert all(math.isfinite(error) for error in errors.values())
     # Denormal weights are below the smallest scale: the whole layer rounds to 0, a relative error of 1.
     assert (errors[LAYER] == pytest.approx(1.0)) == (case == "denormal")
+    zeroed = [w for w in document["warnings"] if LAYER.removesuffix(".weight") in w]
+    assert bool(zeroed) == (case == "denormal")  # and the user is told so, on stderr and in the JSON
+    assert ("rounded to 0" in err) == (case == "denormal")
 
 
 @pytest.mark.parametrize("argv, message", [

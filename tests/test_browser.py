@@ -1,17 +1,21 @@
 """The real app in a real browser: every page opens in headless Chromium without an exception box.
 
-A screenshot of each page goes to assets/screenshots/ (README shows one). Skipped, with the reason,
-where Debian's Chromium is not installed (``make browser-deps`` installs it).
+A screenshot of each page goes to ``$QUANTLAB_SCREENSHOTS`` (default: pytest's temporary folder, so a
+test run never rewrites tracked files); ``make screenshots`` refreshes the committed ones in
+assets/screenshots/ that README shows. Skipped, with the reason, where Debian's Chromium is not
+installed (``make browser-deps`` installs it).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from tests.browser_app import CHROMIUM, EXCEPTION, PAGES, ROOT, launch, streamlit_server, switch_page, wait_settled
+from tests.browser_app import CHROMIUM, EXCEPTION, PAGES, launch, streamlit_server, switch_page, wait_settled
 
 pytestmark = pytest.mark.browser
-SCREENSHOTS = ROOT / "assets" / "screenshots"
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +30,16 @@ def _slug(title: str) -> str:
     return title.lower().replace(" & ", "-").replace(" ", "-")
 
 
-def test_every_page_renders_without_an_exception(app_url):
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    folder = Path(os.environ.get("QUANTLAB_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_every_page_renders_without_an_exception(app_url, screenshots):
     from playwright.sync_api import sync_playwright
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1440, "height": 2000})
@@ -38,7 +48,8 @@ def test_every_page_renders_without_an_exception(app_url):
         for index, (label, title) in enumerate(PAGES):
             switch_page(page, label, title)
             assert page.locator(EXCEPTION).count() == 0, f"exception box on the {title} page"
-            page.screenshot(path=str(SCREENSHOTS / f"{index}-{_slug(title)}.png"), full_page=True)
+            page.screenshot(path=str(screenshots / f"{index}-{_slug(title)}.png"), full_page=True)
+        assert len(list(screenshots.glob("*.png"))) == len(PAGES)
         page.locator('[data-testid="stSidebarNavLink"]', has_text="Playground").first.click()
         wait_settled(page, "Playground")
         page.get_by_role("button", name="Add an outlier").click()

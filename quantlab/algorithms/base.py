@@ -274,6 +274,11 @@ class LayerResult:
         return out
 
 
+# A relative weight error this close to 1 means the quantized layer is (almost) all zeros: with
+# denormal weights, for one, the scale underflows in its storage dtype.
+ZEROED_LAYER_ERROR = 0.999
+
+
 @dataclass(frozen=True)
 class RunResult:
     """A whole run: per-layer results and the summary the sweep records."""
@@ -285,6 +290,15 @@ class RunResult:
     seconds: float  # quantization wall time (evaluation excluded)
     quality: dict = field(default_factory=dict)  # perplexity / fidelity, kl, top1_agreement, ...
     searches: dict = field(default_factory=dict)  # AWQ/SmoothQuant search data, by layer or block
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What a user must know about the run: layers whose every weight rounded to zero."""
+        return tuple(
+            f"every weight of {layer.name} rounded to 0 (relative error {layer.weight_error:.2f}): its values "
+            "are below the smallest scale the format can store"
+            for layer in self.layers if layer.weight_error >= ZEROED_LAYER_ERROR
+        )
 
     def to_dict(self) -> dict:
         return {

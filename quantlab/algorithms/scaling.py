@@ -6,8 +6,9 @@ before either is quantized. The division by ``s`` is free when it can be folded 
 produces ``x`` (a norm's weight and bias, or the output rows of a previous linear); the
 architecture table (``ArchSpec.scale_pairs``) says where that is possible.
 
-Where it is not (BERT's q/k/v are fed by the previous block's output LayerNorm, which also feeds
-the residual stream; GQA's v -> o when the shapes differ; a linear after a nonlinearity), the
+Where it is not (BERT is post-norm: each LayerNorm output is also the next residual, so dividing
+the norm would change the residual stream; GQA's v -> o when the shapes differ; a linear after a
+nonlinearity), the
 division is kept as ``QuantizedLinear.input_scale``: one per-channel multiply at run time, the
 same numbers as a fold, so the simulated outputs are identical.
 

@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() else None, text,
                                    args.max_eval_tokens)
     document = summary(result)
+    for warning in result.warnings:  # stderr, so that --json output stays one document
+        print(f"quantlab quantize: warning: {warning}", file=sys.stderr)
     if args.out:
         from quantlab.export import export_compressed
 
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 def summary(result) -> dict:
     """The run as JSON, with the headline quality numbers also at the top level."""
     quality = {k: v for k, v in result.quality.items() if k != "definitions"}
-    return quality | result.to_dict()
+    return quality | result.to_dict() | {"warnings": list(result.warnings)}
 
 
 def describe(result) -> str:

@@ -54,7 +54,9 @@ def int_values(codes: torch.Tensor, scale, zero_point: torch.Tensor | None) -> t
 def nf4_codes(blocks, scale, midpoints: torch.Tensor) -> torch.Tensor:
     """Index of the nearest NF4 level, int32: the number of midpoints below ``x / s``. Values
     beyond +-1 land on the end levels by themselves, so no clamp pass is needed."""
-    return torch.bucketize(blocks / scale, midpoints, out_int32=True)
+    # Contiguous: the quotient keeps the strides of a transposed view (GPT-2's Conv1D weights), and
+    # bucketize on a strided input copies it anyway, with a warning per call.
+    return torch.bucketize((blocks / scale).contiguous(), midpoints, out_int32=True)
 
 
 def nf4_codes_select(blocks, scale, midpoints: torch.Tensor) -> torch.Tensor:

@@ -132,17 +132,20 @@ def hash_weights(files: list[Path]) -> tuple[str, dict[str, str]]:
 
 def identify_model(loaded) -> ModelIdentity:
     """A ``LoadedModel``'s identity; weights are hashed when its files are on this machine."""
-    from quantlab.models import weight_files
+    from quantlab.models import is_bundled, weight_files
 
     n_params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
+    # A bundled model is recorded by name, not by this machine's path to it: the file stays
+    # meaningful on the next machine, and the hash still pins the exact weights.
+    source = loaded.name if is_bundled(loaded.source) else loaded.source
     folder = _local_folder(loaded.source)
     if folder is None:
-        return ModelIdentity(loaded.name, loaded.source, n_params=n_params)
+        return ModelIdentity(loaded.name, source, n_params=n_params)
     try:
         combined, per_file = hash_weights(weight_files(folder))
     except ModelLoadError:
-        return ModelIdentity(loaded.name, loaded.source, n_params=n_params)
-    return ModelIdentity(loaded.name, loaded.source, combined, per_file, n_params)
+        return ModelIdentity(loaded.name, source, n_params=n_params)
+    return ModelIdentity(loaded.name, source, combined, per_file, n_params)
 
 
 def _local_folder(source: str) -> Path | None:

@@ -48,6 +48,11 @@ def test_a_record_reopens_exactly_and_describes_itself(runs, bundled_lm, bundled
     assert (document["format"], document["version"]) == (RECORD_FORMAT, 1)
 
 
+def test_the_bundled_model_is_recorded_by_name_not_by_this_machines_path():
+    identity = identify_model(load_model("pystdlib-llama-4m"))
+    assert identity.source == identity.name == "pystdlib-llama-4m" and len(identity.sha256) == 64
+
+
 def test_the_weights_hash_tells_retrained_models_apart(bundled_lm_path, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(bundled_lm_path, copy)

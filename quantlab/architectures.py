@@ -10,6 +10,7 @@ contain linear layers, with the role taken from the layer's own name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -159,6 +160,29 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and any(is_linear(m) for m in mod[0].modules())
     ]
     return max(candidates, key=lambda c: len(c[1])) if candidates else None
+
+
+# GPT-2's linears are transformers' Conv1D, which stores its weight as (in, out).
+_CONV1D_LINEARS = tuple(ARCHITECTURES["gpt2"].roles)
+_EXPANDING_LINEARS = ("attn.c_attn", "mlp.c_fc")  # more outputs than inputs (3x qkv, 4x MLP)
+
+
+def conv1d_stored(shapes: Mapping[str, Sequence[int]]) -> frozenset[str]:
+    """Which matrices of a weights file without its model are stored transposed, as GPT-2's Conv1D.
+
+    No config says so. GPT-2's expanding layers give it away: stored with more columns than rows,
+    their (in, out) layout shows; GPTBigCode reuses the names with nn.Linear, stored (out, in), and
+    so is left as stored.
+    """
+    def local(name: str) -> str | None:
+        base = name.removesuffix(".weight")
+        return next((linear for linear in _CONV1D_LINEARS if base.endswith("." + linear)), None)
+
+    matrices = {name: tuple(shape) for name, shape in shapes.items() if len(shape) == 2 and local(name)}
+    probes = [shape for name, shape in matrices.items() if local(name) in _EXPANDING_LINEARS]
+    if not probes or not all(cols > rows for rows, cols in probes):
+        return frozenset()
+    return frozenset(matrices)
 
 
 def is_linear(module: nn.Module) -> bool:

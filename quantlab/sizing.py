@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from quantlab.architectures import ARCHITECTURES, ArchSpec, find_linears, spec_for
+from quantlab.architectures import ARCHITECTURES, ArchSpec, conv1d_stored, find_linears, spec_for
 from quantlab.errors import FormatError, ModelLoadError
 from quantlab.formats import QuantFormat, StorageBreakdown, valid_group_sizes
 from quantlab.weightfiles import TensorListing, describe_skipped, skip_reason
@@ -190,7 +190,7 @@ def _module_layers(model: nn.Module, fmt: QuantFormat, keep: tuple[str, ...]) ->
 
 
 def _listing_layers(listing: TensorListing, fmt: QuantFormat, keep: tuple[str, ...]) -> list[LayerSize]:
-    """Matrices are taken as stored (rows = outputs, groups along the last dimension)."""
+    """Matrices are (out, in) as stored, groups along the last dimension; GPT-2's Conv1D files are (in, out)."""
     def reason(t) -> str | None:
         kept = "kept in full precision" if _keeps(keep, t.name, matrix_role(t.name)) else None
         return skip_reason(t.shape, t.dtype) or kept
@@ -199,9 +199,14 @@ def _listing_layers(listing: TensorListing, fmt: QuantFormat, keep: tuple[str, .
     if None not in reasons:  # say why each tensor was left out: the user may expect a matrix in there
         skipped = [(t.name, why) for t, why in zip(listing.tensors, reasons)]
         raise ModelLoadError(f"no linear layers to quantize: {describe_skipped(skipped) or 'the file is empty'}")
-    all_in = {t.shape[1] for t, why in zip(listing.tensors, reasons) if why is None}
+    transposed = conv1d_stored({t.name: t.shape for t in listing.tensors})
+
+    def out_in(t) -> tuple[int, int]:  # groups run along the input, whichever way the file stores it
+        return (t.shape[1], t.shape[0]) if t.name in transposed else (t.shape[0], t.shape[1])
+
+    all_in = {out_in(t)[1] for t, why in zip(listing.tensors, reasons) if why is None}
     return [
-        _quantized_layer(fmt, t.name, matrix_role(t.name), t.shape[0], t.shape[1], t.bytes, all_in)
+        _quantized_layer(fmt, t.name, matrix_role(t.name), *out_in(t), t.bytes, all_in)
         if why is None else _kept_layer(t.name, t.shape, t.bytes)
         for t, why in zip(listing.tensors, reasons)
     ]

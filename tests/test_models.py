@@ -15,7 +15,7 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 from transformers import GPT2Config
 
-from quantlab.architectures import find_linears, weight_matrix
+from quantlab.architectures import conv1d_stored, find_linears, weight_matrix
 from quantlab.errors import FormatError, ModelLoadError
 from quantlab.formats import QuantFormat
 from quantlab.models import (
@@ -89,6 +89,38 @@ def test_gpt2_conv1d_is_read_as_out_by_in(tiny_gpt2):
     assert torch.allclose(module(x), x @ weight_matrix(module).T + module.bias, atol=1e-6)
     sizes = {layer.name: layer for layer in model_size(tiny_gpt2, INT4_G32).layers}
     assert sizes[c_attn.name].shape == (3 * HIDDEN, HIDDEN)
+
+
+def test_a_bare_gpt2_file_is_read_as_out_by_in_like_the_loaded_model(tiny_gpt2, tmp_path):
+    """A GPT-2 safetensors file without its config stores Conv1D weights (in, out): the weight views
+    and the size accounting turn them round, so input channels and per-channel scales match the model's."""
+    from quantlab.analysis.tensors import file_matrices, model_matrices
+
+    state = {n: t.contiguous() for n, t in tiny_gpt2.state_dict().items() if n != "lm_head.weight"}  # tied
+    path = tmp_path / "gpt2.safetensors"
+    save_file(state, path)
+    from_file = {m.name.removesuffix(".weight"): m.weight for m in file_matrices(load_tensors(path))}
+    from_model = {m.name: m.weight for m in model_matrices(tiny_gpt2)}
+    assert from_file.keys() == from_model.keys()
+    assert all(torch.equal(from_file[name], from_model[name]) for name in from_model)  # (out, in) both
+    per_channel = QuantFormat.parse("int4-per-channel")
+    file_sizes = {layer.name.removesuffix(".weight"): layer for layer in model_size(inspect_tensors(path), per_channel).layers
+                  if layer.quantized}
+    model_sizes = {layer.name: layer for layer in model_size(tiny_gpt2, per_channel).layers if layer.quantized}
+    assert {n: (l.shape, l.scale_bytes) for n, l in file_sizes.items()} == \
+        {n: (l.shape, l.scale_bytes) for n, l in model_sizes.items()}
+    c_attn = file_sizes["transformer.h.0.attn.c_attn"]
+    assert c_attn.shape == (3 * HIDDEN, HIDDEN) and c_attn.scale_bytes == 3 * HIDDEN * 2  # one fp16 scale per output
+
+
+def test_linear_layouts_that_reuse_gpt2_names_stay_as_stored():
+    """GPTBigCode names its nn.Linear layers like GPT-2: stored (out, in), nothing is turned round."""
+    shapes = {"h.0.attn.c_attn.weight": (3 * HIDDEN, HIDDEN), "h.0.attn.c_proj.weight": (HIDDEN, HIDDEN),
+              "h.0.mlp.c_fc.weight": (4 * HIDDEN, HIDDEN), "h.0.mlp.c_proj.weight": (HIDDEN, 4 * HIDDEN)}
+    assert conv1d_stored(shapes) == frozenset()
+    transposed = {name: shape[::-1] for name, shape in shapes.items()}
+    assert conv1d_stored(transposed) == frozenset(shapes)
+    assert conv1d_stored({"model.layers.0.mlp.down_proj.weight": (HIDDEN, 4 * HIDDEN)}) == frozenset()
 
 
 def test_copy_model_leaves_the_original_untouched(tiny_model_dirs):

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from quantlab.architectures import find_linears, weight_matrix
+from quantlab.architectures import conv1d_stored, find_linears, weight_matrix
 from quantlab.errors import FormatError, ModelLoadError
 from quantlab.formats import FP8_DTYPES, NF4_LEVELS, RANGE_METHODS, Granularity, QuantFormat
 from quantlab.primitives import (
@@ -61,13 +61,19 @@ def model_matrices(model: nn.Module) -> list[NamedMatrix]:
 
 
 def file_matrices(tensors: dict[str, torch.Tensor]) -> list[NamedMatrix]:
-    """The 2-D float tensors of a weights file, except embeddings/norms/lm_head, taken as stored (out, in)."""
+    """The 2-D float tensors of a weights file, except embeddings/norms/lm_head, as (out, in) views.
+
+    Taken as stored, except GPT-2's Conv1D matrices, stored (in, out) and transposed here, so that
+    input channels are columns for every file, as they are for a loaded model.
+    """
     found = []
+    transposed = conv1d_stored({name: tuple(t.shape) for name, t in tensors.items()})
     for name, tensor in matrix_tensors(tensors):
         if any(part in name for part in DEFAULT_KEEP_FULL_PRECISION):
             continue
         block = re.search(r"\.(\d+)\.", name)
-        found.append(NamedMatrix(name, int(block[1]) if block else None, matrix_role(name), tensor))
+        matrix = tensor.t() if name in transposed else tensor
+        found.append(NamedMatrix(name, int(block[1]) if block else None, matrix_role(name), matrix))
     if not found:
         skipped = describe_skipped(skipped_tensors(tensors))
         raise ModelLoadError("the file holds no 2-D float matrices outside embeddings, norms and lm_head; "

@@ -19,6 +19,7 @@ import streamlit as st
 from pages.common import explain
 from quantlab import models
 from quantlab.algorithms.base import CalibConfig, RunResult, parse_config_name
+from quantlab.device import release_memory
 from quantlab.evaluation import EvalConfig
 from quantlab.pipeline import SWEEP_EVAL_CTX, QuantSession, quantize_model
 
@@ -116,8 +117,12 @@ def _quantize(model_key: str, config_name: str, settings: RunSettings, loaded, p
 
 def cached_run(model_key: str, config_name: str, settings: RunSettings, loaded, progress=None) -> RunResult:
     """One configuration's results, kept without the quantized model (results are small, models are not)."""
-    return result_store("runs", 64).get(
-        (model_key, config_name, settings), lambda: _quantize(model_key, config_name, settings, loaded, progress)[1])
+    def compute() -> RunResult:
+        result = _quantize(model_key, config_name, settings, loaded, progress)[1]
+        release_memory(next(loaded.model.parameters()).device)  # the quantized copy is gone: hand its memory back
+        return result
+
+    return result_store("runs", 64).get((model_key, config_name, settings), compute)
 
 
 def cached_quantized(model_key: str, config_name: str, settings: RunSettings, loaded, progress=None) -> tuple:

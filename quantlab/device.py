@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -23,3 +29,26 @@ def resolve_device(name: str | None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FormatError("CUDA was requested but no GPU is available here; use --device cpu")
     return torch.device(name)
+
+
+def release_memory(device: torch.device | str | None = None) -> None:
+    """Hand memory freed by finished work back to the system.
+
+    After a run the quantized copy and its activations are garbage, but allocators keep the pages:
+    CUDA's caching allocator, and glibc's malloc, whose arenas hold freed heap mapped and, fragmented
+    by thousands of tensors of different sizes, let a long session's resident memory drift upward
+    run after run. A workshop server runs sweeps for hours, so every run ends with this.
+    """
+    gc.collect()
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to hand back this way
+        log.debug("malloc_trim is not available here")

@@ -26,6 +26,7 @@ from torch import nn
 from quantlab.algorithms.base import CalibConfig, QuantConfig, RunResult, parse_config_name
 from quantlab.architectures import find_linears, weight_matrix
 from quantlab.calibration import calibration_set, run_blocks
+from quantlab.device import release_memory
 from quantlab.errors import FormatError, QuantizationError
 from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text, model_context_length
 from quantlab.primitives import check_format_fits
@@ -199,4 +200,5 @@ def run_sweep(loaded, configs: Sequence[QuantConfig] | None = None, progress: Pr
 
         _, result = quantize_model(loaded, config, step, session=session)
         results.append(result)
+        release_memory(next(loaded.model.parameters()).device)  # the quantized copy just went: keep a long session's memory flat
     return results

@@ -28,8 +28,6 @@ an extra package; its deprecation warnings are silenced where it is called.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import importlib.util
 import logging
 import platform
@@ -43,7 +41,7 @@ import torch
 from torch import nn
 
 from quantlab.architectures import find_linears
-from quantlab.device import resolve_device
+from quantlab.device import release_memory, resolve_device
 from quantlab.errors import FormatError
 from quantlab.formats import QuantFormat
 from quantlab.sizing import model_size
@@ -168,13 +166,7 @@ def _prompt(model: nn.Module, settings: SpeedSettings) -> torch.Tensor:
 
 def _release(device: torch.device) -> None:
     """Free what Python and the allocators hold, so the next reading sees only live memory."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-    elif platform.system() == "Linux":
-        # glibc keeps freed heap pages mapped; without the trim a freed fp32 copy would still count.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_memory(device)
 
 
 def _memory_now(device: torch.device) -> int:

@@ -104,8 +104,8 @@ def test_a_bare_gpt2_file_is_read_as_out_by_in_like_the_loaded_model(tiny_gpt2, 
     assert from_file.keys() == from_model.keys()
     assert all(torch.equal(from_file[name], from_model[name]) for name in from_model)  # (out, in) both
     per_channel = QuantFormat.parse("int4-per-channel")
-    file_sizes = {layer.name.removesuffix(".weight"): layer for layer in model_size(inspect_tensors(path), per_channel).layers
-                  if layer.quantized}
+    file_sizes = {layer.name.removesuffix(".weight"): layer
+                  for layer in model_size(inspect_tensors(path), per_channel).layers if layer.quantized}
     model_sizes = {layer.name: layer for layer in model_size(tiny_gpt2, per_channel).layers if layer.quantized}
     assert {n: (l.shape, l.scale_bytes) for n, l in file_sizes.items()} == \
         {n: (l.shape, l.scale_bytes) for n, l in model_sizes.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from quantlab.cli import emit
 from quantlab.cli.quantize_cmd import BUNDLED_LM, add_run_options, calib_from_args, load_source, stderr_progress

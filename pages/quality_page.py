@@ -42,7 +42,7 @@ with open_tab:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         example = left.selectbox("Measured sweep shipped with QuantLab", list(bundled), key="q_example",
                                  help="Computed once with `python -m quantlab sweep --out FILE.json`; opens instantly.")
-        if right.button("Open", key="q_open_example"):
+        if right.button("Open this sweep", key="q_open_example"):
             with user_errors():
                 record = _open_record(bundled[example].read_bytes(), bundled[example].name)
             st.session_state["q_runs"] = (f"file: {record.model.name}", record.runs)

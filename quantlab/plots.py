@@ -154,16 +154,31 @@ def channel_figure(table: pd.DataFrame, column: str, title: str, marks: dict[str
     return _layout(fig, title, "channel", column.replace("_", " "))
 
 
+BIT_TICKS = (2, 3, 4, 5, 6, 8, 12, 16, 32)  # on a log axis, plotly's own ticks would read "2, 3" for 20, 30
+
+
 def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str | None = "pareto",
                     log_y: bool = False) -> go.Figure:
-    """Configurations as labelled points, coloured by method, with the Pareto front joined by a line."""
+    """Configurations as points coloured by method, with the Pareto front joined by a line.
+
+    Only the front's points carry their names (the rest crowd around 4 bits and their labels would
+    overlap); every point names itself on hover. The x axis is logarithmic: 3, 4, 8 and 32 bits
+    spread evenly instead of everything below 8 bits sharing a tenth of the width.
+    """
     fig = go.Figure()
+    on_front = table[front] if front is not None and table[front].any() else pd.Series(False, index=table.index)
     for i, (method, part) in enumerate(table.groupby("method", sort=False)):
-        fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers+text", name=method, text=part["config"],
-                                 textposition="top center", marker=dict(size=12, color=PALETTE[i % len(PALETTE)])))
+        fig.add_trace(go.Scatter(
+            x=part[x], y=part[y], mode="markers+text", name=method,
+            marker=dict(size=12, color=PALETTE[i % len(PALETTE)]),
+            text=part["config"].where(on_front[part.index], ""), textposition="top center", customdata=part["config"],
+            hovertemplate=f"%{{customdata}}<br>{x.replace('_', ' ')} %{{x:.4g}}<br>{y.replace('_', ' ')} %{{y:.4g}}"
+                          "<extra></extra>",
+        ))
     if front is not None and table[front].any():
         best = table[table[front]].sort_values(x)
         fig.add_trace(go.Scatter(x=best[x], y=best[y], mode="lines", name="Pareto front",
                                  line=dict(color="#495057", dash="dash")))
     fig.update_yaxes(type="log" if log_y else "linear")
+    fig.update_xaxes(type="log", tickvals=BIT_TICKS if x == "bits_per_weight" else None)
     return _layout(fig, title, x.replace("_", " "), y.replace("_", " "), height=420)

@@ -133,3 +133,16 @@ def test_figures_are_built_from_analysis_tables():
     sweep = tensors.clipping_sweep(torch.randn(8, 32), QuantFormat.parse("int4"))
     figure = plots.clipping_figure(sweep, tensors.best_ratio(sweep))
     assert {trace.name for trace in figure.data} >= {"total MSE", "minimum"}
+
+
+def test_tradeoff_figure_names_the_front_and_every_point_on_hover():
+    table = pd.DataFrame({"config": ["fp", "int8", "int4-a", "int4-b"], "method": ["fp", "rtn", "rtn", "gptq"],
+                          "bits_per_weight": [32.0, 8.0, 4.1, 4.1], "perplexity": [10.0, 10.1, 12.0, 11.0]})
+    table["pareto"] = runs.pareto_front(table, "bits_per_weight", "perplexity")
+    figure = plots.tradeoff_figure(table, "bits_per_weight", "perplexity", "t")
+    points = [trace for trace in figure.data if trace.name != "Pareto front"]
+    labels = {name: text for trace in points for name, text in zip(trace.customdata, trace.text)}
+    assert labels == {"fp": "fp", "int8": "int8", "int4-a": "", "int4-b": "int4-b"}  # int4-a is dominated
+    assert figure.layout.xaxis.type == "log"
+    front = next(trace for trace in figure.data if trace.name == "Pareto front")
+    assert list(front.x) == [4.1, 8.0, 32.0]

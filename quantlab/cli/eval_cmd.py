@@ -6,7 +6,7 @@ import argparse
 
 from quantlab.cli import emit
 from quantlab.evaluation import SOURCES, EvalConfig, FidelityResult, PerplexityResult, evaluate, load_text
-from quantlab.models import BUNDLED_LM, load_model
+from quantlab.cli.size_cmd import BUNDLED_LM
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.models import load_model  # here, not at the top: --help need not import transformers
+
     config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
                         dtype=args.dtype, n_sentences=args.sentences)
     text = load_text(args.text)  # before the model: a bad text source fails at once

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from quantlab.cli import emit
-from quantlab.models import BUNDLED_LM, load_model
+from quantlab.cli.size_cmd import BUNDLED_LM
 from quantlab.speed import (
     BASELINES, CPU_VARIANTS, CUDA_VARIANTS, SpeedResult, SpeedSettings, measure_speed, ratios, theoretical_bytes,
 )
@@ -27,6 +27,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.models import load_model  # here, not at the top: --help need not import transformers
+
     settings = SpeedSettings(args.prompt_tokens, args.decode_tokens, args.repeats)
     loaded = load_model(args.source, device="cpu", trust_remote_code=args.trust_remote_code)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None

@@ -334,6 +334,12 @@ GLOSSARY = {
 }
 
 
+def run_warnings(results) -> None:
+    """What the engine says a user must know about runs (a layer that rounded to all zeros), once each."""
+    for warning in dict.fromkeys(w for result in results for w in getattr(result, "warnings", ())):
+        st.warning(warning)
+
+
 def explain(term: str) -> None:
     """A one-line definition of a workshop term, as a caption."""
     st.caption(f"**{term[0].upper() + term[1:]}**: {GLOSSARY[term]}")

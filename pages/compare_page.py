@@ -3,7 +3,8 @@
 import streamlit as st
 
 from pages.common import (
-    cached_view, download_json, download_table, export_zip, progress_callback, require_model, results_key, user_errors,
+    cached_view, download_json, download_table, export_zip, progress_callback, require_model, results_key,
+    run_warnings, user_errors,
 )
 from pages.runs import cached_quantized, cached_run, run_settings
 from quantlab import plots, records
@@ -52,6 +53,7 @@ bar(1.0, "done")
 results = [baseline, *(result for _, result in quantized.values())]
 table = run_tables.runs_table(results)
 metric = run_tables.quality_metric(results)
+run_warnings(results)
 
 columns = st.columns(len(results))
 for column, row in zip(columns, table.itertuples()):

@@ -5,7 +5,8 @@ import json
 import streamlit as st
 
 from pages.common import (
-    cached_view, current_model, download_json, download_table, explain, progress_callback, results_key, user_errors,
+    cached_view, current_model, download_json, download_table, explain, progress_callback, results_key, run_warnings,
+    user_errors,
 )
 from pages.runs import MAX_SWEEP_CONFIGS, cached_run, quality_session, result_store, run_settings
 from quantlab import plots, records
@@ -82,6 +83,7 @@ with user_errors():
     table = run_tables.runs_table(results)
 metric = run_tables.quality_metric(results)
 st.subheader(f"Results: {label}")
+run_warnings(results)
 left, right = st.columns(2)
 left.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", metric, f"{metric} vs bits per weight"),
                   key="q_bits")

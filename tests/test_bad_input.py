@@ -348,6 +348,23 @@ def test_calibration_longer_than_the_context_is_refused_in_the_app():
     assert any("2048 tokens are longer than the model's context" in e.value for e in at.error)
 
 
+def test_a_layer_that_rounds_to_zero_is_a_warning_on_the_quality_page(corpus):
+    from pages.common import FOLDER_LABEL
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.selectbox(key="sb_model").set_value(FOLDER_LABEL).run()
+    at.text_input(key="sb_folder").set_value(str(corpus / "model denormal")).run()
+    at.switch_page("pages/quality_page.py").run()
+    at.multiselect(key="q_configs").set_value(["int4-per-channel"])  # the tiny model's rows are 64 wide
+    at.number_input(key="q_cs").set_value(1)
+    at.select_slider(key="q_cl").set_value(64)
+    at.select_slider(key="q_et").set_value(512)
+    at.button(key="q_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    zeroed = [w.value for w in at.warning if "rounded to 0" in w.value]
+    assert len(zeroed) == 1 and LAYER.removesuffix(".weight") in zeroed[0]
+
+
 def test_an_unknown_hub_id_offline_lists_the_offline_choices_in_the_app(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()

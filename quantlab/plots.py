@@ -172,6 +172,7 @@ def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str 
             x=part[x], y=part[y], mode="markers+text", name=method,
             marker=dict(size=12, color=PALETTE[i % len(PALETTE)]),
             text=part["config"].where(on_front[part.index], ""), textposition="top center", customdata=part["config"],
+            cliponaxis=False,  # a name at the plot's edge runs into the margin instead of being cut
             hovertemplate=f"%{{customdata}}<br>{x.replace('_', ' ')} %{{x:.4g}}<br>{y.replace('_', ' ')} %{{y:.4g}}"
                           "<extra></extra>",
         ))

@@ -16,7 +16,6 @@ the free memory back. Also prints each run's seconds and that every run gave the
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import sys
@@ -28,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantlab.models import load_model  # noqa: E402  (after the path set-up above)
+from quantlab.device import trim_c_heap  # noqa: E402  (after the path set-up above)
+from quantlab.models import load_model  # noqa: E402
 from quantlab.pipeline import DEFAULT_SWEEP, run_sweep  # noqa: E402
 
 TARGET_RATIO = 1.10
@@ -37,14 +37,6 @@ TARGET_RATIO = 1.10
 def rss_mib() -> float:
     gc.collect()
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
-
-
-def trim_allocator() -> bool:
-    """Hand the C heap's free memory back to the system (glibc only); False where there is no malloc_trim."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
-    except (OSError, AttributeError):
-        return False
 
 
 def live_tensor_mib() -> float:
@@ -76,7 +68,7 @@ def main() -> int:
         quality = [r.quality.get("perplexity", r.quality.get("fidelity")) for r in results]
         first_quality = first_quality or quality
         del results
-        if args.trim and not trim_allocator():
+        if args.trim and not trim_c_heap():
             parser.error("--trim needs glibc's malloc_trim")
         rss.append(rss_mib())
         tensors.append(live_tensor_mib())

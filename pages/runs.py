@@ -119,7 +119,7 @@ def cached_run(model_key: str, config_name: str, settings: RunSettings, loaded, 
     """One configuration's results, kept without the quantized model (results are small, models are not)."""
     def compute() -> RunResult:
         result = _quantize(model_key, config_name, settings, loaded, progress)[1]
-        release_memory(next(loaded.model.parameters()).device)  # the quantized copy is gone: hand its memory back
+        release_memory()  # the quantized copy is gone: hand its memory back
         return result
 
     return result_store("runs", 64).get((model_key, config_name, settings), compute)

@@ -44,11 +44,14 @@ def release_memory(device: torch.device | str | None = None) -> None:
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    _trim_c_heap()
+    trim_c_heap()
 
 
-def _trim_c_heap() -> None:
+def trim_c_heap() -> bool:
+    """glibc's ``malloc_trim``: give freed heap back to the system; False where there is none."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to hand back this way
         log.debug("malloc_trim is not available here")
+        return False
+    return True

@@ -200,5 +200,5 @@ def run_sweep(loaded, configs: Sequence[QuantConfig] | None = None, progress: Pr
 
         _, result = quantize_model(loaded, config, step, session=session)
         results.append(result)
-        release_memory(next(loaded.model.parameters()).device)  # the quantized copy just went: keep a long session's memory flat
+        release_memory()  # the quantized copy just went: keep a long session's memory flat
     return results

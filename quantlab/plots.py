@@ -176,8 +176,8 @@ def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str 
             hovertemplate=f"%{{customdata}}<br>{x.replace('_', ' ')} %{{x:.4g}}<br>{y.replace('_', ' ')} %{{y:.4g}}"
                           "<extra></extra>",
         ))
-    if front is not None and table[front].any():
-        best = table[table[front]].sort_values(x)
+    if on_front.any():
+        best = table[on_front].sort_values(x)
         fig.add_trace(go.Scatter(x=best[x], y=best[y], mode="lines", name="Pareto front",
                                  line=dict(color="#495057", dash="dash")))
     fig.update_yaxes(type="log" if log_y else "linear")

@@ -145,7 +145,7 @@ def measure_speed(model: nn.Module, kind: str, name: str, variants: tuple[str, .
         ))
         log.info("%s %s: prefill %.3f ms/token, memory %.1f MB", name, variant, prefill, grown / 2**20)
         del built
-        _release(target)
+        release_memory(target)
     return results
 
 
@@ -164,11 +164,6 @@ def _prompt(model: nn.Module, settings: SpeedSettings) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (1, max(1, length)), generator=generator)  # (1, prompt)
 
 
-def _release(device: torch.device) -> None:
-    """Free what Python and the allocators hold, so the next reading sees only live memory."""
-    release_memory(device)
-
-
 def _memory_now(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
@@ -176,10 +171,10 @@ def _memory_now(device: torch.device) -> int:
 
 
 def _build_measured(model: nn.Module, variant: str, device: torch.device) -> tuple[nn.Module, int]:
-    _release(device)
+    release_memory(device)
     before = _memory_now(device)
     built = build_variant(model, variant, device)
-    _release(device)
+    release_memory(device)
     return built, max(0, _memory_now(device) - before)
 
 

@@ -8,8 +8,7 @@ architecture table (``ArchSpec.scale_pairs``) says where that is possible.
 
 Where it is not (BERT is post-norm: each LayerNorm output is also the next residual, so dividing
 the norm would change the residual stream; GQA's v -> o when the shapes differ; a linear after a
-nonlinearity), the
-division is kept as ``QuantizedLinear.input_scale``: one per-channel multiply at run time, the
+nonlinearity), the division is kept as ``QuantizedLinear.input_scale``: one per-channel multiply at run time, the
 same numbers as a fold, so the simulated outputs are identical.
 
 Worked example: ``ScaleGroup("input_layernorm", ("self_attn.q_proj", ...), folded=True)`` with

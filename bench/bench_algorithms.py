@@ -48,9 +48,9 @@ def child_method(source: str | None, method: str) -> dict:
     """Runs in the subprocess: quantize once with ``method`` at INT4 g128, measuring time and memory."""
     import torch
 
-    from quantlab.algorithms.base import CalibConfig, parse_config_name
-    from quantlab.models import load_model
-    from quantlab.pipeline import QuantSession, quantize_model
+    from quantlab.recipe import CalibConfig, parse_config_name
+    from quantlab.models.loading import load_model
+    from quantlab.runs.pipeline import QuantSession, quantize_model
 
     before_model = rss_bytes("VmRSS")
     loaded = load_model(source, device="cpu")
@@ -80,8 +80,8 @@ def child_method(source: str | None, method: str) -> dict:
 
 def child_sweep(source: str | None) -> dict:
     """Runs in the subprocess: the default sweep, timed, with each configuration's own seconds."""
-    from quantlab.models import load_model
-    from quantlab.pipeline import run_sweep
+    from quantlab.models.loading import load_model
+    from quantlab.runs.pipeline import run_sweep
 
     loaded = load_model(source, device="cpu")
     start = time.perf_counter()

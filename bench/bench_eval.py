@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from quantlab.evaluation import (  # noqa: E402  (after the path setup)
     lm_eval_rolling, load_text, matching_config, perplexity,
 )
-from quantlab.models import load_model  # noqa: E402
+from quantlab.models.loading import load_model  # noqa: E402
 
 
 def _timed(fn):

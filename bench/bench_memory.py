@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quantlab.device import trim_c_heap  # noqa: E402  (after the path set-up above)
-from quantlab.models import load_model  # noqa: E402
-from quantlab.pipeline import DEFAULT_SWEEP, run_sweep  # noqa: E402
+from quantlab.models.loading import load_model  # noqa: E402
+from quantlab.runs.pipeline import DEFAULT_SWEEP, run_sweep  # noqa: E402
 
 TARGET_RATIO = 1.10
 

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantlab import kernels  # noqa: E402
-from quantlab.formats import QuantFormat  # noqa: E402
-from quantlab.primitives import fake_quantize  # noqa: E402
+from quantlab.numerics import kernels  # noqa: E402
+from quantlab.numerics.formats import QuantFormat  # noqa: E402
+from quantlab.numerics.primitives import fake_quantize  # noqa: E402
 
 FORMATS = ("int8", "int4-g128", "int4-g128-asym", "int4-g64", "int4-g64-asym", "nf4-g64", "fp8-e4m3")
 MODES = ("never", "always")  # kernels.set_fused_mode values: eager, fused

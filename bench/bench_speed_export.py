@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantlab.algorithms.base import CalibConfig, parse_config_name  # noqa: E402
-from quantlab.export import export_compressed  # noqa: E402
-from quantlab.models import BUNDLED_ENCODER, BUNDLED_LM, load_model, resolve_source  # noqa: E402
-from quantlab.pipeline import quantize_model  # noqa: E402
-from quantlab.speed import SpeedSettings, measure_speed  # noqa: E402
+from quantlab.recipe import CalibConfig, parse_config_name  # noqa: E402
+from quantlab.runs.export import export_compressed  # noqa: E402
+from quantlab.models.loading import BUNDLED_ENCODER, BUNDLED_LM, load_model, resolve_source  # noqa: E402
+from quantlab.runs.pipeline import quantize_model  # noqa: E402
+from quantlab.runs.speed import SpeedSettings, measure_speed  # noqa: E402
 
 EXPORT_CONFIGS = ("rtn-int4-g128", "rtn-int4-g128-asym", "rtn-int8")
 FIELDS = ("prefill_ms_per_token", "decode_ms_per_token", "resident_bytes", "tensor_bytes")

@@ -5,9 +5,9 @@ import streamlit as st
 from pages.common import (
     cached_view, current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
 )
-from quantlab import plots
+from quantlab.analysis import plots
 from quantlab.analysis import tensors
-from quantlab.primitives import to_blocks
+from quantlab.numerics.primitives import to_blocks
 
 
 @cached_view(spinner="Sweeping clip ratios…")

@@ -29,12 +29,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from quantlab import models
+from quantlab.models import loading as models
 from quantlab.analysis import tensors
 from quantlab.device import available_devices
 from quantlab.errors import ModelLoadError, QuantLabError
-from quantlab.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
-from quantlab.weightfiles import describe_skipped
+from quantlab.numerics.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
+from quantlab.models.weightfiles import describe_skipped
 
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
 BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
@@ -93,7 +93,7 @@ def save_upload(data: bytes, suffix: str = ".safetensors") -> Path:
 
 def export_zip(model, tokenizer, name: str) -> bytes:
     """Export a quantized model into the session folder, zip it, and return the zip's bytes."""
-    from quantlab.export import export_compressed
+    from quantlab.runs.export import export_compressed
 
     digest = hashlib.sha256(f"{name}-{id(model)}".encode()).hexdigest()[:12]
     folder = session_folder() / f"export-{digest}"

@@ -7,9 +7,10 @@ from pages.common import (
     run_warnings, user_errors,
 )
 from pages.runs import cached_quantized, cached_run, run_settings
-from quantlab import plots, records
+from quantlab.analysis import plots
+from quantlab.runs import records
 from quantlab.analysis import runs as run_tables
-from quantlab.pipeline import DEFAULT_SWEEP
+from quantlab.runs.pipeline import DEFAULT_SWEEP
 
 DEFAULT_CONFIGS = ["int8", "int4-g128", "int4-g64"]
 PROMPTS = {"causal": "def read_config(path):\n", "encoder": ""}

@@ -5,7 +5,8 @@ import streamlit as st
 from pages.common import (
     cached_view, current_format, current_model, download_table, explain, model_choice, results_key, user_errors,
 )
-from quantlab import models, plots
+from quantlab.models import loading as models
+from quantlab.analysis import plots
 from quantlab.analysis import sizes
 
 

@@ -7,8 +7,8 @@ from pages.common import (
     results_key, user_errors,
 )
 from pages.runs import result_store
-from quantlab import plots
-from quantlab.algorithms.base import CalibConfig
+from quantlab.analysis import plots
+from quantlab.recipe import CalibConfig
 from quantlab.analysis import outliers
 
 CALIB = CalibConfig(n_samples=8, seq_len=128)  # a quick pass: channel maxima settle within a few thousand tokens

@@ -4,9 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from pages.common import GLOSSARY, cached_view, download_table, explain, user_errors
-from quantlab import plots
+from quantlab.analysis import plots
 from quantlab.analysis import tensors
-from quantlab.formats import Granularity, QuantFormat
+from quantlab.numerics.formats import Granularity, QuantFormat
 
 DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
 

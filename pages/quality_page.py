@@ -9,10 +9,11 @@ from pages.common import (
     user_errors,
 )
 from pages.runs import MAX_SWEEP_CONFIGS, cached_run, quality_session, result_store, run_settings
-from quantlab import plots, records
+from quantlab.analysis import plots
+from quantlab.runs import records
 from quantlab.analysis import runs as run_tables
-from quantlab.formats import QuantFormat
-from quantlab.pipeline import DEFAULT_SWEEP
+from quantlab.numerics.formats import QuantFormat
+from quantlab.runs.pipeline import DEFAULT_SWEEP
 
 SENSITIVITY_FORMATS = ("int4-per-channel", "int4-g128", "int3-g128", "int2-g64")
 

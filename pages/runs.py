@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import streamlit as st
 
 from pages.common import explain
-from quantlab import models
-from quantlab.algorithms.base import CalibConfig, RunResult, parse_config_name
+from quantlab.models import loading as models
+from quantlab.recipe import CalibConfig, RunResult, parse_config_name
 from quantlab.device import release_memory
 from quantlab.evaluation import EvalConfig
-from quantlab.pipeline import SWEEP_EVAL_CTX, QuantSession, quantize_model
+from quantlab.runs.pipeline import SWEEP_EVAL_CTX, QuantSession, quantize_model
 
 # --- run settings ------------------------------------------------------------------------------
 EVAL_TOKEN_CHOICES = (512, 1024, 2048, 4096, 8192, 16384)

@@ -5,7 +5,9 @@ import streamlit as st
 from pages.common import (
     cached_view, current_model, download_table, explain, model_choice, results_key, user_errors,
 )
-from quantlab import models, plots, speed
+from quantlab.models import loading as models
+from quantlab.analysis import plots
+from quantlab.runs import speed
 from quantlab.analysis import sizes
 
 SPEED_SETTINGS = speed.SpeedSettings(prompt_tokens=64, decode_tokens=16, repeats=3)  # seconds, not minutes

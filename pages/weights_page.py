@@ -5,9 +5,9 @@ import streamlit as st
 from pages.common import (
     cached_view, current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
 )
-from quantlab import plots
+from quantlab.analysis import plots
 from quantlab.analysis import sizes, tensors
-from quantlab.formats import QuantFormat
+from quantlab.numerics.formats import QuantFormat
 
 
 @cached_view(spinner="Quantizing the layer…")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 from quantlab.errors import FormatError
-from quantlab.formats import Granularity, QuantFormat
+from quantlab.numerics.formats import Granularity, QuantFormat
 
 METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant")
 CALIBRATED_METHODS = ("gptq", "awq", "smoothquant")
@@ -71,7 +71,7 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class ActSpec:
-    """Activation quantization of every quantized linear's input (implemented in quantlab.activations)."""
+    """Activation quantization of every quantized linear's input (implemented in quantlab.calibrate.activations)."""
 
     n_bits: int = 8
     mode: str = "dynamic"  # "dynamic": scales computed per call; "static": calibrated once
@@ -97,7 +97,7 @@ class ActSpec:
 
 @dataclass(frozen=True)
 class KVSpec:
-    """KV-cache quantization, simulated inside attention (implemented in quantlab.kvcache)."""
+    """KV-cache quantization, simulated inside attention (implemented in quantlab.algorithms.kvcache)."""
 
     fmt_name: str = "int8"  # "int8" | "int4" | "fp8-e4m3"
     granularity: str = "per-token"  # one scale per token (all heads) or per token and head

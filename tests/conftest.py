@@ -2,7 +2,7 @@
 
 Tiny causal models use the bundled LM's vocabulary (4096) so that its tokenizer works with them and
 they can be evaluated on real text. Session-scoped models are shared: copy them
-(``quantlab.models.copy_model`` or ``copy.deepcopy``) before changing any weight.
+(``quantlab.models.loading.copy_model`` or ``copy.deepcopy``) before changing any weight.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from quantlab.errors import ModelLoadError
-from quantlab.models import BUNDLED_ENCODER, BUNDLED_LM, LoadedModel, load_model, read_header, resolve_source
+from quantlab.models.loading import BUNDLED_ENCODER, BUNDLED_LM, LoadedModel, load_model, read_header, resolve_source
 
 SEED = 0
 VOCAB = 4096  # the bundled LM's tokenizer vocabulary

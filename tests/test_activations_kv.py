@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from quantlab.activations import ActivationQuantizer, calibrated_quantizer, fake_quantize_activation, observe
-from quantlab.algorithms.base import ActSpec, KVSpec
+from quantlab.calibrate.activations import ActivationQuantizer, calibrated_quantizer, fake_quantize_activation, observe
+from quantlab.recipe import ActSpec, KVSpec
 from quantlab.errors import FormatError
 from quantlab.evaluation import EvalConfig, perplexity
-from quantlab.kvcache import apply_kv_quantization, fake_quantize_kv, kv_quantized_view, remove_kv_quantization
-from quantlab.formats import QuantFormat
-from quantlab.primitives import quantize
-from quantlab.quantized import QuantizedLinear
+from quantlab.algorithms.kvcache import apply_kv_quantization, fake_quantize_kv, kv_quantized_view, remove_kv_quantization
+from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.primitives import quantize
+from quantlab.models.quantized import QuantizedLinear
 
 STATIC = {name: ActSpec(8, "static", name, "per-tensor") for name in ("minmax", "percentile", "mse")}
 DYNAMIC_TOKEN = ActSpec(8, "dynamic", granularity="per-token")

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from quantlab import plots
+from quantlab.analysis import plots
 from quantlab.analysis import outliers, runs, sizes, tensors
 from quantlab.errors import FormatError
-from quantlab.formats import QuantFormat
+from quantlab.numerics.formats import QuantFormat
 
 
 def test_quantize_vector_matches_the_hand_computation():
@@ -77,7 +77,7 @@ def test_file_matrices_skip_embeddings_and_non_matrices():
 
 
 def test_format_sizes_report_formats_that_do_not_fit():
-    from quantlab.weightfiles import TensorInfo, TensorListing
+    from quantlab.models.weightfiles import TensorInfo, TensorListing
 
     listing = TensorListing.of([TensorInfo("layers.0.proj.weight", (64, 96), "float32", 64 * 96 * 4)])
     table = sizes.format_sizes(listing, [QuantFormat.parse("int4-g32"), QuantFormat.parse("int4-g64")])
@@ -114,8 +114,8 @@ def test_pareto_front_keeps_only_undominated_points():
 
 def test_layer_sensitivity_leaves_the_model_untouched(tiny_model_dirs):
     from quantlab.evaluation import EvalConfig
-    from quantlab.models import load_model
-    from quantlab.pipeline import QuantSession
+    from quantlab.models.loading import load_model
+    from quantlab.runs.pipeline import QuantSession
 
     loaded = load_model(tiny_model_dirs["llama"], device="cpu")
     before = {name: p.clone() for name, p in loaded.model.state_dict().items()}

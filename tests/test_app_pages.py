@@ -16,11 +16,12 @@ from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
 from pages.common import SessionFolder
-from quantlab import models, records
-from quantlab.algorithms.base import CalibConfig
+from quantlab.models import loading as models
+from quantlab.runs import records
+from quantlab.recipe import CalibConfig
 from quantlab.analysis import sizes
-from quantlab.pipeline import run_sweep, sweep_configs
-from quantlab.records import write_record
+from quantlab.runs.pipeline import run_sweep, sweep_configs
+from quantlab.runs.records import write_record
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 300  # generous: the CI machine may be busy; each page here takes seconds when idle

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from quantlab.algorithms import awq
-from quantlab.algorithms.base import AWQParams, CalibConfig, output_error, parse_config_name
+from quantlab.recipe import AWQParams, CalibConfig, output_error, parse_config_name
 from quantlab.algorithms.scaling import ScaleGroup
 from quantlab.evaluation import EvalConfig
-from quantlab.formats import QuantFormat
-from quantlab.primitives import fake_quantize
-from quantlab.pipeline import QuantSession, quantize_model
+from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.primitives import fake_quantize
+from quantlab.runs.pipeline import QuantSession, quantize_model
 
 INT4_G32 = QuantFormat.parse("int4-g32")
 

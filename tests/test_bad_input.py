@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
-from quantlab import models
+from quantlab.models import loading as models
 from quantlab.cli import main
 from quantlab.errors import FormatError
-from quantlab.formats import Granularity, QuantFormat
+from quantlab.numerics.formats import Granularity, QuantFormat
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from quantlab.algorithms import rtn
-from quantlab.algorithms.base import CalibConfig, parse_config_name
-from quantlab.architectures import find_linears
-from quantlab.calibration import (
+from quantlab.recipe import CalibConfig, parse_config_name
+from quantlab.models.architectures import find_linears
+from quantlab.calibrate.runner import (
     BlockContext, calibration_set, capture_block_inputs, collect_activation_stats, run_blocks,
 )
 from quantlab.errors import DataError
-from quantlab.inputstats import InputRecorder
-from quantlab.quantized import QuantizedLinear, build_quantized_model
+from quantlab.calibrate.inputstats import InputRecorder
+from quantlab.models.quantized import QuantizedLinear, build_quantized_model
 
 from conftest import VOCAB
 

@@ -14,8 +14,8 @@ from conftest import build_tiny
 from safetensors.torch import save_file
 
 from quantlab.cli import main
-from quantlab.formats import QuantFormat
-from quantlab.models import inspect_tensors, model_size
+from quantlab.numerics.formats import QuantFormat
+from quantlab.models.loading import inspect_tensors, model_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

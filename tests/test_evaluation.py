@@ -23,7 +23,7 @@ from quantlab.evaluation import (
     EvalConfig, build_reference, compare_logits, count_words, decode_text, embed, embedding_fidelity, evaluate,
     load_text, perplexity, plan_windows, reference_logprobs, sentences,
 )
-from quantlab.evaluation.text_sources import hub_unreachable_reason
+from quantlab.texts.sources import hub_unreachable_reason
 
 WIKITEXT = "../shared/data/wikitext-2-raw-test.txt"
 

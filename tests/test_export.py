@@ -17,14 +17,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from quantlab.algorithms import gptq, rtn
-from quantlab.algorithms.base import CalibConfig, GPTQParams, RunResult, parse_config_name
-from quantlab.architectures import find_linears
-from quantlab.calibration import calibration_set, collect_activation_stats, run_blocks
+from quantlab.recipe import CalibConfig, GPTQParams, RunResult, parse_config_name
+from quantlab.models.architectures import find_linears
+from quantlab.calibrate.runner import calibration_set, collect_activation_stats, run_blocks
 from quantlab.errors import DataError, FormatError
-from quantlab.export import STATS_FILE, export_compressed, export_run_data, load_run_data
-from quantlab.quantized import QuantizedLinear
-from quantlab.records import read_record
-from quantlab.sizing import model_size
+from quantlab.runs.export import STATS_FILE, export_compressed, export_run_data, load_run_data
+from quantlab.models.quantized import QuantizedLinear
+from quantlab.runs.records import read_record
+from quantlab.models.sizing import model_size
 
 from conftest import VOCAB
 

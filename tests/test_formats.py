@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quantlab.errors import FormatError
-from quantlab.formats import NF4_LEVELS, Granularity, QuantFormat, valid_group_sizes
+from quantlab.numerics.formats import NF4_LEVELS, Granularity, QuantFormat, valid_group_sizes
 
 
 @pytest.mark.parametrize(

@@ -29,17 +29,17 @@ from conftest import build_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quantlab.algorithms.base import ALIASES, parse_config_name
+from quantlab.recipe import ALIASES, parse_config_name
 from quantlab.analysis.tensors import file_matrices
 from quantlab.cli import build_parser, main
 from quantlab.cli.quantize_cmd import config_from_args
 from quantlab.errors import QuantLabError
 from quantlab.evaluation import EvalConfig
-from quantlab.formats import Granularity, QuantFormat
-from quantlab.models import inspect_tensors, load_tensors, model_size
-from quantlab.pipeline import check_config_fits
-from quantlab.primitives import error_report
-from quantlab.weightfiles import SAFETENSORS_DTYPES
+from quantlab.numerics.formats import Granularity, QuantFormat
+from quantlab.models.loading import inspect_tensors, load_tensors, model_size
+from quantlab.runs.pipeline import check_config_fits
+from quantlab.numerics.primitives import error_report
+from quantlab.models.weightfiles import SAFETENSORS_DTYPES
 
 RNG = torch.Generator().manual_seed(0)
 BASE_FILES = (  # real files written by safetensors: several dtypes, a matrix, an empty and a bool tensor

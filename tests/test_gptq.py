@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from quantlab.algorithms.base import GPTQParams, output_error
-from quantlab.algorithms.gptq import accumulate_hessian, gptq_quantize
+from quantlab.recipe import GPTQParams, output_error
+from quantlab.algorithms.gptq import gptq_quantize
+from quantlab.calibrate.inputstats import accumulate_hessian
 from quantlab.algorithms.rtn import rtn_quantize
-from quantlab.calibration import effective_weight
+from quantlab.calibrate.runner import effective_weight
 from quantlab.errors import FormatError
-from quantlab.formats import QuantFormat
-from quantlab.primitives import choose_qparams, dequantize, quantize
-from quantlab.quantized import QuantizedLinear
+from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.primitives import choose_qparams, dequantize, quantize
+from quantlab.models.quantized import QuantizedLinear
 
 
 def correlated_inputs(n: int = 1024, features: int = 64, rank: int = 8, seed: int = 0) -> torch.Tensor:

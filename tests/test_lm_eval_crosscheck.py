@@ -11,7 +11,7 @@ import pytest
 
 from quantlab.errors import DataError
 from quantlab.evaluation import EvalConfig, load_text, lm_eval_rolling, matching_config, perplexity, run_lm_eval_tasks
-from quantlab.evaluation.text_sources import hub_unreachable_reason
+from quantlab.texts.sources import hub_unreachable_reason
 
 MAX_LENGTH = 128
 

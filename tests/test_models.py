@@ -1,4 +1,4 @@
-"""Model loading, tensor listing, safe weights files and size accounting (quantlab.models)."""
+"""Model loading, tensor listing, safe weights files and size accounting (quantlab.models.loading)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 from transformers import GPT2Config
 
-from quantlab.architectures import conv1d_stored, find_linears, weight_matrix
+from quantlab.models.architectures import conv1d_stored, find_linears, weight_matrix
 from quantlab.errors import FormatError, ModelLoadError
-from quantlab.formats import QuantFormat
-from quantlab.models import (
+from quantlab.numerics.formats import QuantFormat
+from quantlab.models.loading import (
     BUNDLED_ENCODER, BUNDLED_LM, copy_model, inspect_tensors, is_bundled, load_model, load_tensors, matrix_tensors,
     model_size, model_skeleton, reference_size, resolve_source, skipped_tensors,
 )
-from quantlab.packing import pack_quantized
-from quantlab.primitives import quantize
-from quantlab.sizing import REFERENCE_MODELS
+from quantlab.numerics.packing import pack_quantized
+from quantlab.numerics.primitives import quantize
+from quantlab.models.sizing import REFERENCE_MODELS
 
 INT4_G32 = QuantFormat.parse("int4-g32")
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from quantlab.errors import FormatError
-from quantlab.formats import QuantFormat
-from quantlab.packing import (
+from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.packing import (
     PackedWeight,
     from_unsigned,
     pack,
@@ -22,7 +22,7 @@ from quantlab.packing import (
     unpack_int32,
     unpack_to_quantized,
 )
-from quantlab.primitives import dequantize, quantize
+from quantlab.numerics.primitives import dequantize, quantize
 
 
 def u8(values) -> torch.Tensor:

@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-from quantlab.algorithms.base import CalibConfig, RunResult, parse_config_name
+from quantlab.recipe import CalibConfig, RunResult, parse_config_name
 from quantlab.cli import main
 from quantlab.evaluation import EvalConfig
-from quantlab.pipeline import QuantSession, quantize_model, run_sweep, sweep_configs
-from quantlab.records import read_record
+from quantlab.runs.pipeline import QuantSession, quantize_model, run_sweep, sweep_configs
+from quantlab.runs.records import read_record
 
 CALIB = CalibConfig(n_samples=16, seq_len=256)
 EVAL_TOKENS = 8192

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantlab import kernels
+from quantlab.numerics import kernels
 from quantlab.errors import FormatError, QuantizationError
-from quantlab.formats import FP8_DTYPES, NF4_LEVELS, QuantFormat
-from quantlab.primitives import (
+from quantlab.numerics.formats import FP8_DTYPES, NF4_LEVELS, QuantFormat
+from quantlab.numerics.primitives import (
     check_format_fits,
     choose_qparams,
     clipped_mask,
@@ -336,7 +336,7 @@ def test_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, caplog
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(kernels, "_mode", "always")
     monkeypatch.setattr(kernels, "_compiled", {})
-    with caplog.at_level(logging.WARNING, logger="quantlab.kernels"):
+    with caplog.at_level(logging.WARNING, logger="quantlab.numerics.kernels"):
         assert torch.equal(fake_quantize(x, fmt), expected)
     assert "no C compiler" in caplog.text and kernels.fused_mode() == "never"
     with pytest.raises(FormatError, match="fused mode"):

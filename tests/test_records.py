@@ -9,11 +9,11 @@ import shutil
 import pytest
 
 from quantlab import __version__
-from quantlab.algorithms.base import CalibConfig, parse_config_name
+from quantlab.recipe import CalibConfig, parse_config_name
 from quantlab.errors import DataError
-from quantlab.models import load_model
-from quantlab.pipeline import quantize_model
-from quantlab.records import (
+from quantlab.models.loading import load_model
+from quantlab.runs.pipeline import quantize_model
+from quantlab.runs.records import (
     RECORD_FORMAT, DataSource, ModelIdentity, build_record, identify_model, read_record, record_from_dict,
     write_record,
 )

@@ -22,10 +22,10 @@ from streamlit.testing.v1 import AppTest
 from pages import runs
 from pages.common import cached_model
 from pages.runs import RunSettings
-from quantlab import models
-from quantlab.algorithms.base import parse_config_name
+from quantlab.models import loading as models
+from quantlab.recipe import parse_config_name
 from quantlab.evaluation import EvalConfig
-from quantlab.pipeline import DEFAULT_SWEEP, QuantSession, quantize_model
+from quantlab.runs.pipeline import DEFAULT_SWEEP, QuantSession, quantize_model
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 600  # two sessions share two busy cores

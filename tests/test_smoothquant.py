@@ -10,12 +10,12 @@ import torch
 from transformers import LlamaConfig
 
 from quantlab.algorithms import awq, smoothquant
-from quantlab.algorithms.base import CalibConfig, parse_config_name
+from quantlab.recipe import CalibConfig, parse_config_name
 from quantlab.algorithms.scaling import ScaleGroup, scale_groups
-from quantlab.architectures import spec_for
-from quantlab.calibration import run_blocks
+from quantlab.models.architectures import spec_for
+from quantlab.calibrate.runner import run_blocks
 from quantlab.evaluation import EvalConfig
-from quantlab.pipeline import QuantSession, quantize_model
+from quantlab.runs.pipeline import QuantSession, quantize_model
 from conftest import build_tiny
 
 N_CALIB, CALIB_LEN = 4, 32

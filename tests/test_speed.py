@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
-from quantlab.architectures import find_linears
+from quantlab.models.architectures import find_linears
 from quantlab.cli import main
-from quantlab.corpus import read_split
+from quantlab.texts.corpus import read_split
 from quantlab.errors import FormatError
-from quantlab.speed import (
+from quantlab.runs.speed import (
     SpeedSettings, build_variant, default_variants, measure_speed, ratios, theoretical_bytes, weight_bytes,
 )
 

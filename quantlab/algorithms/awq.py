@@ -33,17 +33,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantlab.algorithms.base import output_error
+from quantlab.recipe import output_error
 from quantlab.algorithms.rtn import rtn_quantize
 from quantlab.algorithms.scaling import (
     MIN_SCALE, ScaleGroup, finish_scaled_linear, fold_scales, scale_groups, shared_inputs,
 )
-from quantlab.formats import QuantFormat
-from quantlab.primitives import Quantized, fake_quantize, to_blocks
+from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.primitives import Quantized, fake_quantize, to_blocks
 
 if TYPE_CHECKING:
-    from quantlab.algorithms.base import AWQParams, LayerResult
-    from quantlab.calibration import BlockContext
+    from quantlab.recipe import AWQParams, LayerResult
+    from quantlab.calibrate.runner import BlockContext
 
 log = logging.getLogger(__name__)
 

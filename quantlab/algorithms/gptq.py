@@ -31,40 +31,24 @@ to round-to-nearest and says so (a warning, and ``fallback=True`` in the result)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
-from quantlab.algorithms.base import GPTQParams
-from quantlab import kernels
-from quantlab.formats import Granularity, QuantFormat
-from quantlab.primitives import QParams, Quantized, check_format_fits, choose_qparams, clipped_mask, fake_quantize, quantize
+from quantlab.recipe import GPTQParams
+from quantlab.numerics import kernels
+from quantlab.numerics.formats import Granularity, QuantFormat
+from quantlab.numerics.primitives import QParams, Quantized, check_format_fits, choose_qparams, clipped_mask, fake_quantize, quantize
 
 if TYPE_CHECKING:
-    from quantlab.algorithms.base import LayerResult
-    from quantlab.calibration import BlockContext
+    from quantlab.recipe import LayerResult
+    from quantlab.calibrate.runner import BlockContext
 
 log = logging.getLogger(__name__)
 
 DAMP_RETRIES = 3  # damp, 10 x damp, 100 x damp, then give up and use RTN
-
-
-def accumulate_hessian(inp: torch.Tensor, H: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """Add a batch of inputs (..., in) to the running H = 2XᵀX/n (fp32, updated in place and returned).
-
-    The running mean is rescaled before adding, so H stays O(1) whatever the token count, and the
-    inputs are scaled by sqrt(2/n) before the product (the reference's order of operations).
-    """
-    X = inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
-    added = X.shape[0]
-    H.mul_(n / (n + added))
-    n += added
-    X = X * math.sqrt(2 / n)
-    H.addmm_(X.t(), X)  # (in, in)
-    return H, n
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from quantlab.algorithms.base import KVSpec
-from quantlab.architectures import find_blocks, spec_for
+from quantlab.recipe import KVSpec
+from quantlab.models.architectures import find_blocks, spec_for
 from quantlab.errors import FormatError
-from quantlab.formats import Granularity, QuantFormat
-from quantlab.primitives import fake_quantize
+from quantlab.numerics.formats import Granularity, QuantFormat
+from quantlab.numerics.primitives import fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     if found is None or not name:
         raise FormatError(
             f"KV-cache quantization does not know where attention lives in {type(model).__name__}; "
-            "add an `attention` entry for its model_type to quantlab.architectures.ARCHITECTURES"
+            "add an `attention` entry for its model_type to quantlab.models.architectures.ARCHITECTURES"
         )
     return [block.get_submodule(name) for block in found[1]]
 

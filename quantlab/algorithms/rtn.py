@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantlab.formats import QuantFormat
-from quantlab.primitives import Quantized, choose_qparams, clipped_mask, quantize
+from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.primitives import Quantized, choose_qparams, clipped_mask, quantize
 
 if TYPE_CHECKING:
-    from quantlab.algorithms.base import LayerResult
-    from quantlab.calibration import BlockContext
+    from quantlab.recipe import LayerResult
+    from quantlab.calibrate.runner import BlockContext
 
 
 @dataclass(frozen=True)

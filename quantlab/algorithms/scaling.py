@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from quantlab.activations import calibrated_quantizer
-from quantlab.architectures import ArchSpec, is_linear, weight_matrix
+from quantlab.calibrate.activations import calibrated_quantizer
+from quantlab.models.architectures import ArchSpec, is_linear, weight_matrix
 from quantlab.errors import QuantizationError
-from quantlab.primitives import Quantized
+from quantlab.numerics.primitives import Quantized
 
 if TYPE_CHECKING:
-    from quantlab.algorithms.base import LayerResult
-    from quantlab.calibration import BlockContext
-    from quantlab.inputstats import LinearInputs
+    from quantlab.recipe import LayerResult
+    from quantlab.calibrate.runner import BlockContext
+    from quantlab.calibrate.inputstats import LinearInputs
 
 MIN_SCALE = 1e-4  # a channel that never fires would otherwise get s = 0 and a division by zero
 

@@ -41,8 +41,8 @@ from quantlab.algorithms.scaling import (
 SMOOTHED_ROLES = ("q", "k", "v", "qkv", "gate", "up")  # the linears a norm feeds (see above)
 
 if TYPE_CHECKING:
-    from quantlab.algorithms.base import LayerResult
-    from quantlab.calibration import BlockContext
+    from quantlab.recipe import LayerResult
+    from quantlab.calibrate.runner import BlockContext
 
 
 @dataclass(frozen=True)

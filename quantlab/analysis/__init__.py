@@ -1,6 +1,6 @@
 """What quantization does, as plain numbers, arrays and DataFrames: the data of the app's pages.
 
-Nothing here draws or imports streamlit: ``quantlab.plots`` turns these results into figures and
+Nothing here draws or imports streamlit: ``quantlab.analysis.plots`` turns these results into figures and
 the pages only lay them out.
 
     tensors     the playground's vector, a layer's weights and grid, clipping sweeps

@@ -16,13 +16,13 @@ import pandas as pd
 import torch
 
 from quantlab.algorithms.awq import awq_scales
-from quantlab.algorithms.base import CalibConfig
+from quantlab.recipe import CalibConfig
 from quantlab.algorithms.scaling import ScaleGroup
 from quantlab.algorithms.smoothquant import compute_smoothing
 from quantlab.analysis.tensors import NamedMatrix
-from quantlab.calibration import calibration_set, collect_activation_stats
+from quantlab.calibrate.runner import calibration_set, collect_activation_stats
 from quantlab.errors import FormatError
-from quantlab.inputstats import ActivationStats
+from quantlab.calibrate.inputstats import ActivationStats
 
 AXES = ("input", "output")
 PROTECT_SHARE = 0.01  # AWQ's paper: protecting ~1% of the salient channels recovers most of the loss
@@ -41,7 +41,7 @@ def weight_channels(W: torch.Tensor, axis: str) -> torch.Tensor:
 def activation_stats(loaded, calib: CalibConfig, progress=None) -> dict[str, ActivationStats]:
     """Per-input-channel statistics of every linear over a calibration set (the model is not modified)."""
     calib_ids = calibration_set(loaded.tokenizer, calib)
-    return collect_activation_stats(loaded.model, calib_ids, progress=progress)
+    return collect_activation_stats(loaded.model, calib_ids, progress=progress, structure=loaded.structure)
 
 
 def channel_vectors(matrices: Sequence[NamedMatrix], axis: str, stats: dict[str, ActivationStats] | None = None,

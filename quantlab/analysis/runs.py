@@ -1,7 +1,7 @@
 """Quantization runs as tables: sweeps, the Pareto front, per-layer errors, sensitivity, generations.
 
-The runs themselves come from :mod:`quantlab.pipeline` (``RunResult``) or from a record file
-(:mod:`quantlab.records`); here they become DataFrames that plot and download as they are.
+The runs themselves come from :mod:`quantlab.runs.pipeline` (``RunResult``) or from a record file
+(:mod:`quantlab.runs.records`); here they become DataFrames that plot and download as they are.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from quantlab.algorithms.base import RunResult
-from quantlab.architectures import find_blocks, find_linears, weight_matrix
+from quantlab.recipe import RunResult
+from quantlab.models.architectures import describe, find_linears, weight_matrix
 from quantlab.errors import DataError
-from quantlab.formats import QuantFormat
-from quantlab.pipeline import QuantSession
-from quantlab.primitives import quantize
-from quantlab.quantized import QuantizedLinear, build_quantized_model, set_submodule
+from quantlab.numerics.formats import QuantFormat
+from quantlab.runs.pipeline import QuantSession
+from quantlab.numerics.primitives import quantize
+from quantlab.models.quantized import QuantizedLinear, build_quantized_model, set_submodule
 
 Progress = Callable[[float, str], None]
 QUALITY_METRICS = ("perplexity", "fidelity")
@@ -93,8 +93,9 @@ def _one_layer_quantized(model: torch.nn.Module, name: str, fmt: QuantFormat) ->
 
     The linear's block is deep-copied (one block, not the model) and every other module is shared.
     """
-    path, blocks = find_blocks(model)
-    local = name.removeprefix(f"{path}.")
+    structure = describe(model)
+    blocks = structure.blocks(model)
+    local = name.removeprefix(f"{structure.block_path}.")
     index, _, inside = local.partition(".")
     block = copy.deepcopy(blocks[int(index)])
     module = block.get_submodule(inside)
@@ -112,7 +113,7 @@ def layer_sensitivity(session: QuantSession, fmt: QuantFormat, roles: Sequence[s
     """
     loaded = session.loaded
     model = loaded.model
-    infos = [info for info in find_linears(model) if roles is None or info.role in roles]
+    infos = [info for info in loaded.structure.linears if roles is None or info.role in roles]
     if not infos:
         raise DataError(f"no linear layers with roles {list(roles or [])}; choose other roles")
     base = session.quality(model)

@@ -8,12 +8,12 @@ from typing import Sequence
 import pandas as pd
 from torch import nn
 
-from quantlab.architectures import find_linears
+from quantlab.models.architectures import find_linears
 from quantlab.errors import FormatError
-from quantlab.formats import QuantFormat
-from quantlab.sizing import REFERENCE_MODELS, ModelSize, model_size, reference_size
-from quantlab.speed import SpeedResult, ratios, theoretical_bytes
-from quantlab.weightfiles import TensorListing
+from quantlab.numerics.formats import QuantFormat
+from quantlab.models.sizing import REFERENCE_MODELS, ModelSize, model_size, reference_size
+from quantlab.runs.speed import SpeedResult, ratios, theoretical_bytes
+from quantlab.models.weightfiles import TensorListing
 
 SIZE_FORMATS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int4", "int3-g128", "fp8-e4m3", "nf4-g64")
 SIZE_VARIANTS = ((True, "fp16"), (False, "fp16"), (True, "fp32"), (False, "fp32"))  # (symmetric, scale dtype)

@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from quantlab.architectures import conv1d_stored, find_linears, weight_matrix
+from quantlab.models.architectures import conv1d_stored, find_linears, weight_matrix
 from quantlab.errors import FormatError, ModelLoadError
-from quantlab.formats import FP8_DTYPES, NF4_LEVELS, RANGE_METHODS, Granularity, QuantFormat
-from quantlab.primitives import (
+from quantlab.numerics.formats import FP8_DTYPES, NF4_LEVELS, RANGE_METHODS, Granularity, QuantFormat
+from quantlab.numerics.primitives import (
     ErrorReport,
     QParams,
     check_format_fits,
@@ -36,8 +36,8 @@ from quantlab.primitives import (
     to_blocks,
     to_blocks_codes,
 )
-from quantlab.sizing import DEFAULT_KEEP_FULL_PRECISION, matrix_role
-from quantlab.weightfiles import describe_skipped, matrix_tensors, skipped_tensors
+from quantlab.models.sizing import DEFAULT_KEEP_FULL_PRECISION, matrix_role
+from quantlab.models.weightfiles import describe_skipped, matrix_tensors, skipped_tensors
 
 DISTRIBUTIONS = ("normal", "laplace", "uniform")
 CLIP_RATIOS = tuple(round(0.30 + 0.035 * i, 3) for i in range(21))  # 0.30 .. 1.00

@@ -1,6 +1,6 @@
 """Train the bundled causal LM on the Python standard library (CPU, seeded, resumable).
 
-    python -m quantlab.training --out assets/models/pystdlib-llama-4m --total-tokens 20e6
+    python -m quantlab.bundled.training --out assets/models/pystdlib-llama-4m --total-tokens 20e6
 
 The run checkpoints to ``--work`` every ``--ckpt-every`` steps and resumes from there when started
 again with the same arguments, so a long CPU run can span several sessions. Batches are drawn
@@ -22,7 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from quantlab import corpus
+from quantlab.texts import corpus
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"

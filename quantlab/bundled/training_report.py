@@ -1,8 +1,8 @@
 """Measure the bundled LM and write its model card (README.md in the model folder).
 
-    python -m quantlab.training_report            # about 3 minutes on a 2-core CPU
+    python -m quantlab.bundled.training_report            # about 3 minutes on a 2-core CPU
 
-Everything in the card is measured here, on the held-out half of the split in ``quantlab.corpus``:
+Everything in the card is measured here, on the held-out half of the split in ``quantlab.texts.corpus``:
 full-precision perplexity, a unigram baseline on the same tokens, the rise in perplexity under RTN
 and calibrated quantization (the "do the blocks matter" check), and a greedy generation.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from quantlab import corpus
+from quantlab.texts import corpus
 from quantlab.evaluation import EvalConfig
-from quantlab.models import BUNDLED_LM, load_model, resolve_source
-from quantlab.pipeline import QuantSession, quantize_model, sweep_configs
+from quantlab.models.loading import BUNDLED_LM, load_model, resolve_source
+from quantlab.runs.pipeline import QuantSession, quantize_model, sweep_configs
 
 log = logging.getLogger(__name__)
 CARD_CONFIGS = ("fp", "rtn-int8", "rtn-int4", "rtn-int4-g128", "rtn-int3-g128", "gptq-int4-g128",
@@ -93,8 +93,8 @@ pipeline_tag: text-generation
 
 QuantLab's bundled causal LM: a small Llama-style model (`LlamaForCausalLM`) trained by this project
 on the Python standard library, so that quantization can be studied on a real trained model with
-no network. Trained with `python -m quantlab.training` (seeded, resumable); this card is written by
-`python -m quantlab.training_report`, which measures every figure below.
+no network. Trained with `python -m quantlab.bundled.training` (seeded, resumable); this card is written by
+`python -m quantlab.bundled.training_report`, which measures every figure below.
 
 ## Model
 - {n_params:,} parameters ({params_m:.1f}M): hidden {hidden_size}, {n_layers} blocks, {n_heads} heads,

@@ -12,7 +12,7 @@ Two ways to choose the scale of a linear layer's input ``x`` (viewed as ``(token
   of codes. SmoothQuant exists to make this path usable.
 
 Activations use symmetric integers with fp32 scales (kernels compute them in fp32 on the fly;
-there is nothing to store). The maths goes through :mod:`quantlab.primitives`: per-token is that
+there is nothing to store). The maths goes through :mod:`quantlab.numerics.primitives`: per-token is that
 module's per-channel granularity on the ``(tokens, features)`` view, per-tensor its per-tensor one.
 
 Example::
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlab.algorithms.base import ActSpec
+from quantlab.recipe import ActSpec
 from quantlab.errors import FormatError
-from quantlab.formats import Granularity, QuantFormat
-from quantlab.primitives import QParams, choose_qparams, fake_quantize
+from quantlab.numerics.formats import Granularity, QuantFormat
+from quantlab.numerics.primitives import QParams, choose_qparams, fake_quantize
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantlab.algorithms.base import jsonable
-from quantlab.algorithms.gptq import accumulate_hessian
+from quantlab.recipe import jsonable
 
 MAX_STAT_ROWS = 8192  # token rows kept per linear for the percentiles; bounds memory on long sets
+
+
+def accumulate_hessian(inp: torch.Tensor, H: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Add a batch of inputs (..., in) to the running H = 2XᵀX/n (fp32, updated in place and returned).
+
+    The running mean is rescaled before adding, so H stays O(1) whatever the token count, and the
+    inputs are scaled by sqrt(2/n) before the product (the reference's order of operations).
+    """
+    X = inp.reshape(-1, inp.shape[-1]).float()  # (tokens, in)
+    added = X.shape[0]
+    H.mul_(n / (n + added))
+    n += added
+    X = X * math.sqrt(2 / n)
+    H.addmm_(X.t(), X)  # (in, in)
+    return H, n
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 - ``run_blocks`` is the block-sequential runner (GPTQ's ``Catcher`` + per-block loop): it captures
   the inputs of the first block, then for each block deep-copies only that block, lets a
   ``process_block(ctx)`` function quantize the copy (hooks give it H, statistics and inputs, see
-  :mod:`quantlab.inputstats`), swaps its linears for ``QuantizedLinear`` and runs the quantized
+  :mod:`quantlab.calibrate.inputstats`), swaps its linears for ``QuantizedLinear`` and runs the quantized
   block to make the next block's inputs. Peak memory is one fp32 block, its activations and the
   int8 codes of the blocks done so far; the model passed in is never modified.
 - ``collect_activation_stats`` runs the same loop without quantizing, for the outlier views.
@@ -22,14 +22,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from quantlab.activations import calibrated_quantizer
-from quantlab.algorithms.base import CalibConfig, LayerResult, QuantConfig, output_error, weight_error
-from quantlab.architectures import ArchSpec, LinearInfo, find_blocks, find_linears, spec_for, weight_matrix
+from quantlab.calibrate.activations import calibrated_quantizer
+from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error, weight_error
+from quantlab.models.architectures import ArchSpec, LinearInfo, ModelStructure, describe, weight_matrix
 from quantlab.errors import DataError, FormatError
-from quantlab.evaluation.text_sources import load_text
-from quantlab.inputstats import ActivationStats, InputRecorder, LinearInputs
-from quantlab.primitives import Quantized, dequantize
-from quantlab.quantized import QuantizedLinear, build_quantized_model, set_submodule
+from quantlab.texts.sources import load_text
+from quantlab.calibrate.inputstats import ActivationStats, InputRecorder, LinearInputs
+from quantlab.numerics.primitives import Quantized, dequantize
+from quantlab.models.quantized import QuantizedLinear, build_quantized_model, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +119,20 @@ def default_batch_size(calib_ids: torch.Tensor) -> int:
     return max(1, BATCH_TOKENS // calib_ids.shape[1])
 
 
-def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: int | None = None) -> BlockInputs:
+def _blocks_of(model: nn.Module, structure: ModelStructure) -> nn.ModuleList:
+    if structure.block_path is None:
+        raise FormatError(f"no transformer blocks found in {type(model).__name__}; cannot quantize it block by block")
+    return structure.blocks(model)
+
+
+def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: int | None = None,
+                         structure: ModelStructure | None = None) -> BlockInputs:
     """Run the embeddings on ``calib_ids`` and record the first block's inputs and keyword arguments.
 
-    ``batch_size`` windows per pass (default: ``default_batch_size``) set the batches of the whole run.
+    ``batch_size`` windows per pass (default: ``default_batch_size``) set the batches of the whole run;
+    ``structure`` is ``model``'s (see ``LoadedModel.structure``), resolved here when not given.
     """
-    found = find_blocks(model)
-    if found is None:
-        raise FormatError(f"no transformer blocks found in {type(model).__name__}; cannot quantize it block by block")
-    blocks = found[1]
+    blocks = _blocks_of(model, structure or describe(model))
     catcher = _Catcher(blocks[0])
     probe = build_quantized_model(model, [catcher, *blocks[1:]])  # a view: the model itself is untouched
     call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
@@ -260,23 +265,21 @@ class BlockRun:
 def run_blocks(model: nn.Module, calib_ids: torch.Tensor | None, process_block: Callable[[BlockContext], list[LayerResult]],
                config: QuantConfig | None, *, convert: bool = True, batch_size: int | None = None,
                progress: Callable[[float, str], None] | None = None,
-               block_inputs: BlockInputs | None = None) -> BlockRun:
+               block_inputs: BlockInputs | None = None, structure: ModelStructure | None = None) -> BlockRun:
     """Process ``model``'s blocks one at a time on private copies; ``model`` is never modified.
 
-    ``block_inputs`` (from ``capture_block_inputs``) may be passed to reuse a capture across runs.
+    ``block_inputs`` (from ``capture_block_inputs``) may be passed to reuse a capture across runs;
+    ``structure`` is ``model``'s (see ``LoadedModel.structure``), resolved here when not given.
     """
-    path, blocks = find_blocks(model) or (None, None)
-    if blocks is None:
-        raise FormatError(f"no transformer blocks found in {type(model).__name__}; cannot quantize it block by block")
-    infos = find_linears(model)
-    spec = spec_for(model)
-    inputs = block_inputs if block_inputs is not None else capture_block_inputs(model, calib_ids, batch_size)
+    structure = structure or describe(model)
+    blocks = _blocks_of(model, structure)
+    inputs = block_inputs if block_inputs is not None else capture_block_inputs(model, calib_ids, batch_size, structure)
     new_blocks, layers, searches = [], [], {}
     for index, block in enumerate(blocks):
         if progress is not None:
             progress(index / len(blocks), f"block {index + 1} of {len(blocks)}")
-        linears = {info.local_name: info for info in infos if info.block == index}
-        ctx = BlockContext(index, f"{path}.{index}", copy.deepcopy(block), inputs, spec, linears, config)
+        ctx = BlockContext(index, f"{structure.block_path}.{index}", copy.deepcopy(block), inputs, structure.spec,
+                           structure.block_linears(index), config)
         layers.extend(process_block(ctx))
         if ctx.searches:
             searches[ctx.prefix] = ctx.searches
@@ -291,7 +294,8 @@ def run_blocks(model: nn.Module, calib_ids: torch.Tensor | None, process_block: 
 
 
 def collect_activation_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int | None = None,
-                             progress: Callable[[float, str], None] | None = None) -> dict[str, ActivationStats]:
+                             progress: Callable[[float, str], None] | None = None,
+                             structure: ModelStructure | None = None) -> dict[str, ActivationStats]:
     """Input statistics of every linear in the blocks of the full-precision ``model`` (not modified).
 
     Runs block by block on private copies, so memory stays at about one block plus activations.
@@ -303,5 +307,6 @@ def collect_activation_stats(model: nn.Module, calib_ids: torch.Tensor, batch_si
             stats[ctx.linears[local_name].name] = inputs.stats
         return []
 
-    run_blocks(model, calib_ids, record, config=None, convert=False, batch_size=batch_size, progress=progress)
+    run_blocks(model, calib_ids, record, config=None, convert=False, batch_size=batch_size, progress=progress,
+               structure=structure)
     return stats

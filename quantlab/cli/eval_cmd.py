@@ -30,7 +30,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.models import load_model  # here, not at the top: --help need not import transformers
+    from quantlab.models.loading import load_model  # here, not at the top: --help need not import transformers
 
     config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
                         dtype=args.dtype, n_sentences=args.sentences)

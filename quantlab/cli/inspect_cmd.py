@@ -17,7 +17,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.models import inspect_tensors  # late: transformers is slow to import (see size_cmd)
+    from quantlab.models.loading import inspect_tensors  # late: transformers is slow to import (see size_cmd)
 
     source = args.source[0] if len(args.source) == 1 else (args.source or None)
     listing = inspect_tensors(source)

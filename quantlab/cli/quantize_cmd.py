@@ -50,7 +50,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def calib_from_args(args: argparse.Namespace, model):
-    from quantlab.algorithms.base import CalibConfig
+    from quantlab.recipe import CalibConfig
 
     overrides = {"seed": args.seed, "source": args.calib_source}
     if args.calib_samples is not None:
@@ -61,7 +61,7 @@ def calib_from_args(args: argparse.Namespace, model):
 
 
 def config_from_args(args: argparse.Namespace, model):
-    from quantlab.algorithms.base import ActSpec, GPTQParams, KVSpec, QuantConfig
+    from quantlab.recipe import ActSpec, GPTQParams, KVSpec, QuantConfig
 
     act = None
     if args.act is not None:
@@ -77,7 +77,7 @@ def config_from_args(args: argparse.Namespace, model):
 
 def load_source(args: argparse.Namespace):
     from quantlab.evaluation import load_text
-    from quantlab.models import load_model
+    from quantlab.models.loading import load_model
 
     loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
     text = load_text(args.text) if args.text else None
@@ -95,12 +95,12 @@ def stderr_progress(fraction: float, message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.pipeline import quantize_model
+    from quantlab.runs.pipeline import quantize_model
 
     loaded, text = load_source(args)
     config = config_from_args(args, loaded.model)
     if args.out:  # refuse a non-empty --out folder before the long work, not after it
-        from quantlab.export import check_output_folder
+        from quantlab.runs.export import check_output_folder
 
         check_output_folder(Path(args.out))
     model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() else None, text,
@@ -109,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
     for warning in result.warnings:  # stderr, so that --json output stays one document
         print(f"quantlab quantize: warning: {warning}", file=sys.stderr)
     if args.out:
-        from quantlab.export import export_compressed
+        from quantlab.runs.export import export_compressed
 
         document["export"] = str(export_compressed(model, args.out, loaded.tokenizer).path)
     if args.record:
-        from quantlab.records import write_record
+        from quantlab.runs.records import write_record
 
         write_record(args.record, [result], loaded, kind="quantize")
         document["record"] = args.record

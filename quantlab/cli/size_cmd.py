@@ -7,9 +7,9 @@ import dataclasses
 from collections import defaultdict
 
 from quantlab.cli import emit
-from quantlab.formats import SCALE_DTYPES, Granularity, QuantFormat
+from quantlab.numerics.formats import SCALE_DTYPES, Granularity, QuantFormat
 
-BUNDLED_LM = "pystdlib-llama-4m"  # quantlab.models.BUNDLED_LM, without importing transformers for --help
+BUNDLED_LM = "pystdlib-llama-4m"  # quantlab.models.loading.BUNDLED_LM, without importing transformers for --help
 
 FORMATS = tuple(f"int{b}" for b in range(2, 9)) + ("fp8-e4m3", "fp8-e5m2", "nf4")
 
@@ -42,7 +42,7 @@ def format_from_args(args: argparse.Namespace) -> QuantFormat:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: every command module is imported to build the parser, and transformers is slow.
-    from quantlab.models import inspect_tensors, is_weights_source, model_size, model_skeleton
+    from quantlab.models.loading import inspect_tensors, is_weights_source, model_size, model_skeleton
 
     fmt = format_from_args(args)
     source = args.source[0] if len(args.source) == 1 else (args.source or None)

@@ -6,7 +6,7 @@ import argparse
 
 from quantlab.cli import emit
 from quantlab.cli.size_cmd import BUNDLED_LM
-from quantlab.speed import (
+from quantlab.runs.speed import (
     BASELINES, CPU_VARIANTS, CUDA_VARIANTS, SpeedResult, SpeedSettings, measure_speed, ratios, theoretical_bytes,
 )
 
@@ -27,7 +27,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.models import load_model  # here, not at the top: --help need not import transformers
+    from quantlab.models.loading import load_model  # here, not at the top: --help need not import transformers
 
     settings = SpeedSettings(args.prompt_tokens, args.decode_tokens, args.repeats)
     loaded = load_model(args.source, device="cpu", trust_remote_code=args.trust_remote_code)

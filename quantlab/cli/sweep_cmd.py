@@ -21,14 +21,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.pipeline import SWEEP_EVAL_TOKENS, run_sweep, sweep_configs
+    from quantlab.runs.pipeline import SWEEP_EVAL_TOKENS, run_sweep, sweep_configs
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
     loaded, text = load_source(args)
     configs = sweep_configs(names, calib_from_args(args, loaded.model))  # parse before the long work starts
     results = run_sweep(loaded, configs, stderr_progress, text, args.max_eval_tokens or SWEEP_EVAL_TOKENS)
     if args.out:
-        from quantlab.records import write_record
+        from quantlab.runs.records import write_record
 
         write_record(args.out, results, loaded, kind="sweep", evaluation=args.text or "heldout")
     records = [row(r) for r in results]

@@ -21,7 +21,7 @@ from quantlab.evaluation.lm_eval_bridge import (
 )
 from quantlab.evaluation.perplexity import PerplexityResult, compare_logits, perplexity, reference_logprobs
 from quantlab.evaluation.scoring import count_words, plan_windows
-from quantlab.evaluation.text_sources import SOURCES, decode_text, load_text, sentences
+from quantlab.texts.sources import SOURCES, decode_text, load_text, sentences
 
 __all__ = [
     "DEFAULT_TASKS", "SOURCES", "DivergenceResult", "EvalConfig", "FidelityResult", "LmEvalRolling",

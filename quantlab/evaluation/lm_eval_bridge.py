@@ -105,8 +105,8 @@ def run_lm_eval_tasks(model, tokenizer, tasks=DEFAULT_TASKS, limit: int | float 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from quantlab.evaluation.text_sources import hub_unreachable_reason
-    from quantlab.models import hub_offline
+    from quantlab.texts.sources import hub_unreachable_reason
+    from quantlab.models.loading import hub_offline
 
     reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable_reason()
     if reason is not None:

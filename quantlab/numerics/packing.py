@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from quantlab.errors import FormatError
-from quantlab.formats import FP8_DTYPES, QuantFormat
-from quantlab.primitives import QParams, Quantized
+from quantlab.numerics.formats import FP8_DTYPES, QuantFormat
+from quantlab.numerics.primitives import QParams, Quantized
 
 PACK_WIDTHS = tuple(range(2, 9))
 INT32_WIDTHS = (2, 4, 8)

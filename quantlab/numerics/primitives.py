@@ -11,7 +11,7 @@ Maths is done in fp32 whatever the input dtype (fp16's x/s overflows for small s
 8-bit mantissa cannot hold round(x/s) exactly), and results are cast back to the input dtype.
 Inputs are never modified. Scales are rounded to their storage dtype *before* the codes are
 computed, so that what ``dequantize`` returns is exactly what a packed file would give. The
-elementwise encode/decode runs through :mod:`quantlab.kernels` (one fused loop for large tensors).
+elementwise encode/decode runs through :mod:`quantlab.numerics.kernels` (one fused loop for large tensors).
 
 Example (INT4 symmetric per-tensor on four values)::
 
@@ -35,9 +35,9 @@ from functools import lru_cache
 
 import torch
 
-from quantlab import kernels
+from quantlab.numerics import kernels
 from quantlab.errors import FormatError, QuantizationError
-from quantlab.formats import FP8_DTYPES, NF4_LEVELS, QuantFormat
+from quantlab.numerics.formats import FP8_DTYPES, NF4_LEVELS, QuantFormat
 
 MSE_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.00, 0.95, ..., 0.50
 # Smallest positive scale per storage dtype: an all-zero block would otherwise divide by zero.
@@ -226,7 +226,7 @@ def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
 
 
 def _fake_blocks(blocks, scale, zero_point, fmt) -> torch.Tensor:
-    """decode(encode(blocks)) in one fused kernel where that pays (see quantlab.kernels)."""
+    """decode(encode(blocks)) in one fused kernel where that pays (see quantlab.numerics.kernels)."""
     if fmt.kind == "int":
         return kernels.run(kernels.fake_int, blocks, scale, zero_point, fmt.qmin, fmt.qmax)
     if fmt.kind == "nf4":

@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from quantlab.errors import FormatError
-from quantlab.formats import QuantFormat
-from quantlab.quantized import QuantizedLinear
+from quantlab.numerics.formats import QuantFormat
+from quantlab.models.quantized import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,8 @@ def export_run_data(runs, stats: dict | None, out_dir: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from quantlab.algorithms.base import RunResult, jsonable
-    from quantlab.records import RunRecord
+    from quantlab.recipe import RunResult, jsonable
+    from quantlab.runs.records import RunRecord
 
     out = Path(out_dir)
     check_output_folder(out)
@@ -295,8 +295,8 @@ def load_run_data(folder: str | Path) -> RunData:
     from safetensors.torch import load_file
 
     from quantlab.errors import DataError
-    from quantlab.inputstats import ActivationStats
-    from quantlab.records import read_record
+    from quantlab.calibrate.inputstats import ActivationStats
+    from quantlab.runs.records import read_record
 
     folder = Path(folder)
     record = read_record(folder / RUNS_FILE)

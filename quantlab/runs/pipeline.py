@@ -4,7 +4,7 @@
     >>> model_q, result = quantize_model(loaded, parse_config_name("gptq-int4-g128"))  # doctest: +SKIP
     >>> result.quality["perplexity"], result.bits_per_weight                  # doctest: +SKIP
 
-Every method but ``fp`` goes through the block-sequential runner (:mod:`quantlab.calibration`),
+Every method but ``fp`` goes through the block-sequential runner (:mod:`quantlab.calibrate.runner`),
 even data-free RTN, so that every run reports the same per-layer output errors on the same kind
 of inputs. The loaded model is never modified: the result shares its embeddings and head and
 holds new quantized blocks. A ``QuantSession`` keeps what runs on one model share (calibration
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantlab.algorithms.base import CalibConfig, QuantConfig, RunResult, parse_config_name
-from quantlab.architectures import find_linears, weight_matrix
-from quantlab.calibration import calibration_set, run_blocks
+from quantlab.recipe import CalibConfig, QuantConfig, RunResult, parse_config_name
+from quantlab.models.architectures import ModelStructure, describe, weight_matrix
+from quantlab.calibrate.runner import calibration_set, run_blocks
 from quantlab.device import release_memory
 from quantlab.errors import FormatError, QuantizationError
 from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text, model_context_length
-from quantlab.primitives import check_format_fits
-from quantlab.sizing import model_size
+from quantlab.numerics.primitives import check_format_fits
+from quantlab.models.sizing import model_size
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,12 @@ def _processor(method: str) -> Callable:
     return module.process_block
 
 
-def _size(model: nn.Module, config: QuantConfig) -> tuple[float, int]:
+def _size(model: nn.Module, config: QuantConfig, structure: ModelStructure) -> tuple[float, int]:
     """Bits per quantized weight and total bytes, as the model would be stored."""
     if config.weight_format is not None:
         size = model_size(model, config.weight_format)
         return size.bits_per_weight, size.total_bytes
-    linears = find_linears(model)
+    linears = structure.linears
     dtype_bits = 8 * model.get_submodule(linears[0].name).weight.element_size() if linears else 32
     unique = {id(p): p for p in model.parameters()}.values()  # tied weights count once
     return float(dtype_bits), sum(p.numel() * p.element_size() for p in unique)
@@ -114,12 +114,12 @@ def _size(model: nn.Module, config: QuantConfig) -> tuple[float, int]:
 def _apply_kv(model: nn.Module, config: QuantConfig) -> nn.Module:
     if config.kv is None:
         return model
-    from quantlab.kvcache import kv_quantized_view
+    from quantlab.algorithms.kvcache import kv_quantized_view
 
     return kv_quantized_view(model, config.kv)  # new module objects, shared weights
 
 
-def check_config_fits(model: nn.Module, config: QuantConfig) -> None:
+def check_config_fits(model: nn.Module, config: QuantConfig, structure: ModelStructure | None = None) -> None:
     """Fail before any work when ``config`` cannot run on ``model``.
 
     Calibration windows longer than the model's context, a weight format that cannot quantize one
@@ -131,7 +131,7 @@ def check_config_fits(model: nn.Module, config: QuantConfig) -> None:
                           f"the model's context of {context} positions; use --calib-len {context} or less")
     if config.weight_format is None:
         return
-    for info in find_linears(model):
+    for info in (structure or describe(model)).linears:
         try:
             check_format_fits((info.out_features, info.in_features), config.weight_format)
         except FormatError as exc:
@@ -150,7 +150,7 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     ``max_eval_tokens`` caps the evaluation text; ``session`` shares calibration tokens and the
     full-precision reference between calls (``eval_text``/``max_eval_tokens`` are then the session's).
     """
-    check_config_fits(loaded.model, config)
+    check_config_fits(loaded.model, config, loaded.structure)
     session = session or QuantSession(loaded, eval_text, EvalConfig(max_tokens=max_eval_tokens))
     report = progress or (lambda fraction, message: None)
     start = time.perf_counter()
@@ -158,12 +158,12 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     if config.method != "fp":
         report(0.0, f"{config.name}: calibration set")
         calib_ids = session.calibration_ids(config.calib)
-        run = run_blocks(loaded.model, calib_ids, _processor(config.method), config,
+        run = run_blocks(loaded.model, calib_ids, _processor(config.method), config, structure=loaded.structure,
                          progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}"))
         model, layers, searches = run.model, tuple(run.layers), run.searches
     model = _apply_kv(model, config)
     seconds = time.perf_counter() - start
-    bits, total_bytes = _size(loaded.model, config)
+    bits, total_bytes = _size(loaded.model, config, loaded.structure)
     quality = {}
     if evaluate_quality:
         report(0.8, f"{config.name}: evaluating")

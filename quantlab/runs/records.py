@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantlab import __version__
-from quantlab.algorithms.base import CalibConfig, RunResult, jsonable
+from quantlab.recipe import CalibConfig, RunResult, jsonable
 from quantlab.errors import DataError, FormatError, ModelLoadError, QuantLabError
 
 RECORD_FORMAT = "quantlab-run-record"
@@ -39,7 +39,7 @@ RECORD_VERSION = 1
 RECORD_KINDS = ("quantize", "sweep")
 _HASH_CHUNK = 16 * 2**20  # read weights in 16 MiB pieces: constant memory for any model size
 # Sweeps measured by the project and shipped with it: a workshop opens one without computing anything.
-BUNDLED_SWEEPS = Path(__file__).resolve().parent.parent / "assets" / "sweeps"
+BUNDLED_SWEEPS = Path(__file__).resolve().parents[2] / "assets" / "sweeps"
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def hash_weights(files: list[Path]) -> tuple[str, dict[str, str]]:
 
 def identify_model(loaded) -> ModelIdentity:
     """A ``LoadedModel``'s identity; weights are hashed when its files are on this machine."""
-    from quantlab.models import is_bundled, weight_files
+    from quantlab.models.loading import is_bundled, weight_files
 
     n_params = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
     # A bundled model is recorded by name, not by this machine's path to it: the file stays

@@ -40,11 +40,11 @@ import psutil
 import torch
 from torch import nn
 
-from quantlab.architectures import find_linears
+from quantlab.models.architectures import find_linears
 from quantlab.device import release_memory, resolve_device
 from quantlab.errors import FormatError
-from quantlab.formats import QuantFormat
-from quantlab.sizing import model_size
+from quantlab.numerics.formats import QuantFormat
+from quantlab.models.sizing import model_size
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 import re
 from pathlib import Path
 
-from quantlab import corpus
+from quantlab.texts import corpus
 from quantlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def hub_unreachable_reason() -> str | None:
 
 
 def _wikitext2() -> str:
-    from quantlab.models import hub_offline
+    from quantlab.models.loading import hub_offline
 
     path, config, split = WIKITEXT2_DATASET
     # With HF_HUB_OFFLINE set, datasets reads its cache without touching the network. Without it, an

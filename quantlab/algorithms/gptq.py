@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quantlab.calibrate import distributed
 from quantlab.recipe import GPTQParams
 from quantlab.numerics import kernels
 from quantlab.numerics.formats import Granularity, QuantFormat
@@ -188,19 +189,37 @@ def _finish(rounded, losses, fmt, fixed, group_params, perm, damp: float) -> GPT
     return GPTQResult(quantized, perm if keep_permuted else None, losses.sum().item(), damp, False, clipped)
 
 
+def _solve_share(ctx: BlockContext, inputs: dict, owner: dict[str, int]) -> dict[str, tuple[GPTQResult, float]]:
+    """GPTQ of the linears this rank owns: name -> (result, seconds)."""
+    solved = {}
+    for local_name, rank in owner.items():
+        if rank == distributed.rank():
+            start = time.perf_counter()
+            result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.config.weight_format,
+                                   ctx.config.gptq, name=ctx.linears[local_name].name)
+            solved[local_name] = (result, time.perf_counter() - start)
+    return solved
+
+
 def process_block(ctx: BlockContext) -> list[LayerResult]:
-    """GPTQ on every linear of the block, each with the H of its inputs in the full-precision block."""
+    """GPTQ on every linear of the block, each with the H of its inputs in the full-precision block.
+
+    Under torchrun the linears are spread over the ranks (largest out x in² first, the cost of the
+    column loop) and each result is broadcast from the rank that computed it; every rank holds the
+    same H, so the codes are those one process would compute.
+    """
     inputs = ctx.collect(keep_inputs=ctx.needs_raw_inputs)
     params = ctx.config.gptq
+    names = list(ctx.linear_modules())
+    owner = distributed.spread(names, lambda n: ctx.linears[n].out_features * ctx.linears[n].in_features ** 2)
+    solved = _solve_share(ctx, inputs, owner)
     results = []
-    for local_name in ctx.linear_modules():
-        start = time.perf_counter()
-        result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.config.weight_format, params,
-                               name=ctx.linears[local_name].name)
+    for local_name in names:  # block order
+        result, seconds = distributed.broadcast_from(owner[local_name], solved.get(local_name), ctx.weight(local_name).device)
         extra = {"gptq_loss": result.loss, "damp": result.damp, "fallback": result.fallback,
                  "act_order": params.act_order, "static_groups": params.static_groups}
         results.append(ctx.finish_linear(
-            local_name, result.quantized, inputs[local_name], seconds=time.perf_counter() - start,
+            local_name, result.quantized, inputs[local_name], seconds=seconds,
             clipped_fraction=result.clipped_fraction, extra=extra, in_perm=result.perm,
         ))
     return results

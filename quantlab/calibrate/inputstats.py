@@ -5,6 +5,10 @@
 - ``LinearInputs`` add what the algorithms consume: GPTQ's H = 2XᵀX/n (fp32) and, on request,
   the raw inputs themselves.
 - ``InputRecorder`` collects both with forward pre-hooks on a private copy of a block.
+
+H and sum |x| are sums of per-batch fp64 partials added along one fixed binary tree over the
+global batch index (:class:`quantlab.calibrate.distributed.PairwiseSum`), so one process and N
+torchrun ranks, each holding a share of the batches, get bit-identical statistics.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantlab.calibrate import distributed
 from quantlab.recipe import jsonable
 
 MAX_STAT_ROWS = 8192  # token rows kept per linear for the percentiles; bounds memory on long sets
@@ -61,44 +66,53 @@ class LinearInputs:
 
 
 class _InputAccumulator:
-    """Running H, absmax, sum |x| and a strided sample of rows for one distinct input."""
+    """Per-batch XᵀX and sum |x| (into a ``PairwiseSum``), absmax and a strided sample of rows for one input.
 
-    def __init__(self, row_stride: int | None, keep_inputs: bool) -> None:
+    The product is fp32 (as the reference's running mean), each batch's partial is kept in fp64 and
+    the partials are summed along the fixed tree: the rounding never depends on the batching of
+    the other ranks, and fp64 keeps 10^5..10^6-token sums exact to well below fp32's last bit.
+    """
+
+    def __init__(self, row_stride: int | None, keep_inputs: bool, first_leaf: int, token_offset: int) -> None:
         self.row_stride = row_stride  # None: no sample, no percentiles
-        self.H: torch.Tensor | None = None
+        self.sums = distributed.PairwiseSum(first_leaf)  # (XᵀX (in, in), sum |x| (in,)), fp64
+        self.token_offset = token_offset  # tokens of the calibration set before this rank's share
         self.n = 0
         self.absmax: torch.Tensor | None = None
-        self.sum_abs: torch.Tensor | None = None
         self.rows: list[torch.Tensor] = []
         self.inputs: list[torch.Tensor] | None = [] if keep_inputs else None
 
     def add(self, x: torch.Tensor) -> None:
-        X = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
-        if self.H is None:
-            in_features = X.shape[1]
-            self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=X.device)
-            self.absmax = torch.zeros(in_features, dtype=torch.float32, device=X.device)
-            self.sum_abs = torch.zeros(in_features, dtype=torch.float64, device=X.device)
+        X = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.absmax is None:
+            self.absmax = torch.zeros(X.shape[1], dtype=torch.float32, device=X.device)
         n_before = self.n
-        self.H, self.n = accumulate_hessian(X, self.H, self.n)
-        A = X.abs().float()
+        self.n += X.shape[0]
+        A = X.abs()
+        self.sums.add(((X.t() @ X).double(), A.sum(dim=0, dtype=torch.float64)))
         self.absmax = torch.maximum(self.absmax, A.amax(dim=0))
-        self.sum_abs += A.sum(dim=0, dtype=torch.float64)  # fp64: sums of 10^5..10^6 tokens stay exact enough
         if self.row_stride is not None:
-            offset = (-n_before) % self.row_stride  # continue the global stride across batches
+            offset = (-(self.token_offset + n_before)) % self.row_stride  # the global stride across batches and ranks
             self.rows.append(A[offset :: self.row_stride])
         if self.inputs is not None:
             self.inputs.append(x.detach())
 
     def finish(self) -> LinearInputs:
+        xtx, sum_abs = self.sums.total()
+        (n,) = distributed.sum_int([self.n], self.absmax.device)
+        absmax = distributed.max_(self.absmax)
         p99 = p999 = None
-        if self.rows:
-            p99, p999 = _column_quantiles(torch.cat(self.rows), (0.99, 0.999))  # sample (<= MAX_STAT_ROWS, in)
+        if self.row_stride is not None:
+            rows = distributed.gather_rows(torch.cat(self.rows))  # (<= MAX_STAT_ROWS, in), in global token order
+            p99, p999 = _column_quantiles(rows, (0.99, 0.999))
         stats = ActivationStats(
-            absmax=self.absmax.cpu(), mean_abs=(self.sum_abs / max(self.n, 1)).float().cpu(), n_tokens=self.n,
+            absmax=absmax.cpu(), mean_abs=(sum_abs / max(n, 1)).float().cpu(), n_tokens=n,
             p99=None if p99 is None else p99.cpu(), p999=None if p999 is None else p999.cpu(),
         )
-        return LinearInputs(self.H, self.n, stats, self.inputs)
+        inputs = self.inputs
+        if inputs is not None and distributed.is_distributed():
+            inputs = [distributed.gather_rows(torch.cat(inputs))]  # every rank's batches, in global order
+        return LinearInputs((xtx * (2 / max(n, 1))).float(), n, stats, inputs)
 
 
 def _column_quantiles(rows: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
@@ -121,8 +135,12 @@ class InputRecorder:
     """
 
     def __init__(self, linears: dict[str, nn.Module], total_tokens: int, keep_inputs: bool,
-                 percentiles: bool = False) -> None:
-        self.row_stride = max(1, math.ceil(total_tokens / MAX_STAT_ROWS)) if percentiles else None
+                 percentiles: bool = False, n_batches: int = 0) -> None:
+        """``total_tokens`` and ``n_batches``: what this process will run (its share under torchrun)."""
+        tokens, batches = distributed.all_ints(total_tokens), distributed.all_ints(n_batches)
+        rank = distributed.rank()
+        self.first_leaf, self.token_offset = sum(batches[:rank]), sum(tokens[:rank])
+        self.row_stride = max(1, math.ceil(sum(tokens) / MAX_STAT_ROWS)) if percentiles else None
         self.keep_inputs = keep_inputs
         self.accumulators: dict[str, _InputAccumulator] = {}
         self.aliases: dict[str, str] = {}  # linear -> the linear whose accumulator it shares
@@ -138,7 +156,8 @@ class InputRecorder:
                 return
             self._seen[id(x)] = (x, name)
             if name not in self.accumulators:
-                self.accumulators[name] = _InputAccumulator(self.row_stride, self.keep_inputs)
+                self.accumulators[name] = _InputAccumulator(self.row_stride, self.keep_inputs, self.first_leaf,
+                                                            self.token_offset)
             self.accumulators[name].add(x)
         return hook
 

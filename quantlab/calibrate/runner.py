@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from quantlab.calibrate import distributed
 from quantlab.calibrate.activations import calibrated_quantizer
 from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error, weight_error
 from quantlab.models.architectures import ArchSpec, LinearInfo, ModelStructure, describe, weight_matrix
@@ -136,8 +137,10 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: 
     catcher = _Catcher(blocks[0])
     probe = build_quantized_model(model, [catcher, *blocks[1:]])  # a view: the model itself is untouched
     call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    batches = calib_ids.split(batch_size or default_batch_size(calib_ids))
+    batches = [batches[i] for i in distributed.batch_share(len(batches))]  # all of them outside torchrun
     with torch.no_grad():
-        for batch in calib_ids.to(model_device(model)).split(batch_size or default_batch_size(calib_ids)):
+        for batch in (b.to(model_device(model)) for b in batches):
             try:
                 probe(input_ids=batch, **call_kwargs)
             except _StopForward:
@@ -202,7 +205,8 @@ class BlockContext:
         ``keep_inputs`` keeps the raw inputs; ``percentiles`` adds p99/p99.9 to the statistics.
         """
         block = block if block is not None else self.block
-        recorder = InputRecorder(self.linear_modules(block), self.inputs.n_tokens, keep_inputs, percentiles)
+        recorder = InputRecorder(self.linear_modules(block), self.inputs.n_tokens, keep_inputs, percentiles,
+                                 n_batches=len(self.inputs.hidden))
         try:
             self.run_block(block, after_batch=recorder.next_batch)
         finally:

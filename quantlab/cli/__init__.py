@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def emit(result: dict, as_json: bool, text: str) -> None:
-    """Print ``result`` as JSON with --json, else the human-readable ``text``."""
+    """Print ``result`` as JSON with --json, else the human-readable ``text`` (rank 0 only under torchrun)."""
+    from quantlab.calibrate.distributed import is_source_process
+
+    if not is_source_process():
+        return
     print(json.dumps(result, indent=2, default=str) if as_json else text)
 
 
@@ -61,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty() and not args.verbose:
         _quiet_library_progress()
     module = importlib.import_module(f"quantlab.cli.{COMMANDS[args.command]}")
+    from quantlab.calibrate import distributed
+
     try:
+        distributed.init_from_env()  # under torchrun: join the job (quantize and sweep share their work)
         return module.run(args) or 0
     except QuantLabError as exc:
         print(f"quantlab {args.command}: error: {exc}", file=sys.stderr)
@@ -69,3 +76,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("quantlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()

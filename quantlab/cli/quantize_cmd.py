@@ -95,6 +95,7 @@ def stderr_progress(fraction: float, message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.calibrate.distributed import is_source_process
     from quantlab.runs.pipeline import quantize_model
 
     loaded, text = load_source(args)
@@ -103,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
         from quantlab.runs.export import check_output_folder
 
         check_output_folder(Path(args.out))
-    model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() else None, text,
-                                   args.max_eval_tokens)
+    source = is_source_process()  # under torchrun every rank calibrates; rank 0 evaluates and writes
+    model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() and source else None, text,
+                                   args.max_eval_tokens, evaluate_quality=source)
+    if not source:
+        return 0
     document = summary(result)
     for warning in result.warnings:  # stderr, so that --json output stays one document
         print(f"quantlab quantize: warning: {warning}", file=sys.stderr)

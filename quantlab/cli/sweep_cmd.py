@@ -21,12 +21,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.calibrate.distributed import is_source_process
     from quantlab.runs.pipeline import SWEEP_EVAL_TOKENS, run_sweep, sweep_configs
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
     loaded, text = load_source(args)
     configs = sweep_configs(names, calib_from_args(args, loaded.model))  # parse before the long work starts
-    results = run_sweep(loaded, configs, stderr_progress, text, args.max_eval_tokens or SWEEP_EVAL_TOKENS)
+    results = run_sweep(loaded, configs, stderr_progress if is_source_process() else None, text, args.max_eval_tokens or SWEEP_EVAL_TOKENS)
+    if not is_source_process():  # under torchrun rank 0 holds every configuration's result and writes
+        return 0
     if args.out:
         from quantlab.runs.records import write_record
 

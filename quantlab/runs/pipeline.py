@@ -25,6 +25,7 @@ from torch import nn
 
 from quantlab.recipe import CalibConfig, QuantConfig, RunResult, parse_config_name
 from quantlab.models.architectures import ModelStructure, describe, weight_matrix
+from quantlab.calibrate import distributed
 from quantlab.calibrate.runner import calibration_set, run_blocks
 from quantlab.device import release_memory
 from quantlab.errors import FormatError, QuantizationError
@@ -44,6 +45,9 @@ DEFAULT_SWEEP = (
 )
 SWEEP_EVAL_TOKENS = 16_384  # held-out tokens per configuration in sweeps: keeps the default sweep under a minute
 SWEEP_EVAL_CTX = 256  # the bundled LM's training context; long enough for stable perplexity differences
+# Relative wall time of one configuration (calibration plus one evaluation) by method, from the
+# shipped sweep of the bundled LM: the weights a distributed sweep balances its ranks with.
+METHOD_COST = {"fp": 1.0, "rtn": 2.0, "smoothquant": 2.0, "gptq": 2.5, "awq": 3.0}
 # Where each method's block processor lives; awq/smoothquant are imported only when used.
 PROCESSORS = {
     "rtn": "quantlab.algorithms.rtn",
@@ -180,25 +184,37 @@ def sweep_configs(names: Sequence[str] | None = None, calib: CalibConfig | None 
     return [parse_config_name(name, **overrides) for name in (names or DEFAULT_SWEEP)]
 
 
+def sweep_share(configs: Sequence[QuantConfig]) -> list[int]:
+    """Indices of the configurations this rank runs: longest first, each to the least loaded rank."""
+    owner = distributed.spread(list(range(len(configs))), lambda i: METHOD_COST.get(configs[i].method, 2.0))
+    return [i for i in range(len(configs)) if owner[i] == distributed.rank()]
+
+
 def run_sweep(loaded, configs: Sequence[QuantConfig] | None = None, progress: Progress | None = None,
               eval_text: str | None = None, max_eval_tokens: int | None = SWEEP_EVAL_TOKENS,
               ctx: int | None = None) -> list[RunResult]:
     """Run every configuration on ``loaded`` with shared calibration tokens and FP reference.
 
     Evaluation is capped at ``max_eval_tokens`` held-out tokens in windows of ``ctx`` tokens
-    (default: ``SWEEP_EVAL_CTX`` or the model's context, whichever is shorter).
+    (default: ``SWEEP_EVAL_CTX`` or the model's context, whichever is shorter). Under torchrun each
+    rank runs whole configurations on its own (``sweep_share``) and rank 0 gets every result, in
+    the order of ``configs``; the other ranks get an empty list.
     """
     configs = list(configs) if configs is not None else sweep_configs()
     context = getattr(loaded.model.config, "max_position_embeddings", None) or SWEEP_EVAL_CTX
     eval_config = EvalConfig(ctx=ctx or min(SWEEP_EVAL_CTX, context), max_tokens=max_eval_tokens)
     session = QuantSession(loaded, eval_text, eval_config)
     report = progress or (lambda fraction, message: None)
+    mine = sweep_share(configs)
     results = []
-    for index, config in enumerate(configs):
-        def step(fraction: float, message: str, index=index) -> None:
-            report((index + fraction) / len(configs), f"[{index + 1}/{len(configs)}] {message}")
+    with distributed.local_only():
+        for done, index in enumerate(mine):
+            config = configs[index]
 
-        _, result = quantize_model(loaded, config, step, session=session)
-        results.append(result)
-        release_memory()  # the quantized copy just went: keep a long session's memory flat
-    return results
+            def step(fraction: float, message: str, done=done, index=index) -> None:
+                report((done + fraction) / len(mine), f"[{index + 1}/{len(configs)}] {message}")
+
+            _, result = quantize_model(loaded, config, step, session=session)
+            results.append((index, result))
+            release_memory()  # the quantized copy just went: keep a long session's memory flat
+    return [result for _, result in sorted(distributed.gather_objects(results), key=lambda item: item[0])]

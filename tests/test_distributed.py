@@ -85,3 +85,19 @@ def test_outside_torchrun_the_helpers_are_no_ops():
     assert distributed.gather_rows(x) is x and distributed.max_(x) is x
     assert distributed.broadcast_from(1, {"a": x})["a"] is x
     assert distributed.gather_objects([1, 2]) == [1, 2]
+
+
+def test_a_sweep_gives_each_rank_whole_configurations_longest_first(monkeypatch):
+    from quantlab.runs.pipeline import METHOD_COST, sweep_configs, sweep_share
+
+    configs = sweep_configs()  # the default sweep: fp, six RTN, GPTQ, AWQ, SmoothQuant, KV
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(sweep_share(configs))
+    assert sorted(shares[0] + shares[1]) == list(range(len(configs)))  # every configuration exactly once
+    methods = [{configs[i].method for i in share} for share in shares]
+    assert "awq" in methods[0] and "gptq" in methods[1]  # the two longest start on different ranks
+    loads = [sum(METHOD_COST[configs[i].method] for i in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= max(METHOD_COST.values())  # greedy: within one configuration

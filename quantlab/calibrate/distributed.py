@@ -157,7 +157,7 @@ class PairwiseSum:
     Leaf ``first_leaf + i`` is the i-th ``add``. Two nodes merge only when they are siblings in the
     tree (same height k, the left one starting at a multiple of 2^(k+1)), so the additions, and
     hence the rounding, depend only on the leaves, never on how they were split between ranks.
-    At most 1 + log2(leaves) partial sums are held at once.
+    At most 1 + log2(leaves) partial sums are held at once from leaf 0, about twice that from elsewhere.
 
         >>> s = PairwiseSum(0); _ = [s.add((torch.tensor([x], dtype=torch.float64),)) for x in (1., 2., 3.)]
         >>> s.total()[0].item()  # (1 + 2) + 3

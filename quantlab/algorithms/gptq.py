@@ -18,7 +18,8 @@ when a group starts inside a batch (g64 with batches of 128), a small difference
 ``static_groups`` all group scales come from the original weights before the loop.
 
 Act-order (desc_act) quantizes columns by decreasing diag H, the most salient inputs first, while
-the most freedom is left to compensate. Per-channel and per-tensor scales and static groups do not
+the most freedom is left to compensate. The default (``GPTQParams``) is act-order with static groups,
+llm-compressor's ``actorder="static"``; ``act_order=False`` is the paper's plain column order. Per-channel and per-tensor scales and static groups do not
 depend on the order, so the result is returned in the original column order. Non-static groups are
 formed *in the permuted order*, as the reference does: group k holds the permuted columns
 k*g..(k+1)*g-1. The codes are then returned in permuted column order with ``perm`` (column j of the
@@ -198,7 +199,7 @@ def process_block(ctx: BlockContext) -> list[LayerResult]:
         result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.config.weight_format, params,
                                name=ctx.linears[local_name].name)
         extra = {"gptq_loss": result.loss, "damp": result.damp, "fallback": result.fallback,
-                 "act_order": params.act_order, "static_groups": params.static_groups}
+                 "act_order": params.act_order, "static_groups": params.static_groups, "block_size": params.block_size}
         results.append(ctx.finish_linear(
             local_name, result.quantized, inputs[local_name], seconds=time.perf_counter() - start,
             clipped_fraction=result.clipped_fraction, extra=extra, in_perm=result.perm,

@@ -13,8 +13,9 @@
    go into a copy of the full-precision model, and QuantLab's evaluator computes perplexity on the
    same held-out tokens (16,384 tokens in windows of 256), the full-precision model included.
 
-Results are kept per case in ``WORK/results.json`` (a rerun skips cases already done; ``--fresh``
-starts over). Without ``--peer-python`` the peer column is skipped, with a line saying so.
+Results are kept per case and tool in ``WORK/results.json`` (a rerun skips what is already done;
+``--fresh`` starts over). ``--quantlab-scale-dtype fp32`` reruns QuantLab's side with the scale dtype
+llm-compressor keeps (the weight's), to see how much of a difference the fp16 scales make. Without ``--peer-python`` the peer column is skipped, with a line saying so.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +67,12 @@ def save_windows(loaded, calib: CalibConfig, path: Path) -> torch.Tensor:
     return ids
 
 
-def quantlab_case(loaded, session: QuantSession, name: str, calib: CalibConfig, out: Path) -> float:
+def quantlab_case(loaded, session: QuantSession, name: str, calib: CalibConfig, out: Path,
+                  scale_dtype: str | None = None) -> float:
     """QuantLab's run of ``name`` exported to ``out``; returns its quantization wall time."""
     config = parse_config_name(name, calib=calib)
+    if scale_dtype:  # the diagnostic: the peer's scale dtype instead of QuantLab's fp16 default
+        config = replace(config, weight_format=replace(config.weight_format, scale_dtype=scale_dtype))
     model, result = quantize_model(loaded, config, session=session, evaluate_quality=False)
     export_compressed(model, out)
     return result.seconds
@@ -102,15 +107,41 @@ def score(loaded, text: str, folder: Path | None) -> float:
     return perplexity(model, loaded.tokenizer, text, EVAL).perplexity
 
 
-def run_case(name, loaded, session, calib, calib_file, peer_python, work, text) -> dict:
+def cached(done: dict, key: str, results_file: Path, compute) -> dict:
+    """``done[key]``, computed (and saved with everything done so far) when missing."""
+    if key not in done:
+        start = time.perf_counter()
+        done[key] = compute()
+        print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        results_file.write_text(json.dumps(done, indent=1))
+    return done[key]
+
+
+def run_case(name: str, args, done: dict, run) -> dict:
+    """One case: QuantLab's result, and the peer's when a peer is given, each computed once."""
+    loaded, session, calib, calib_file, work, text, results_file = run
     method, scheme = CASES[name]
-    row = {"case": name, "peer": f"llm-compressor {method} {scheme}"}
-    row["quantlab_seconds"] = quantlab_case(loaded, session, name, calib, work / f"quantlab-{name}")
-    row["quantlab_ppl"] = score(loaded, text, work / f"quantlab-{name}")
-    if peer_python:
-        row["peer_seconds"] = peer_case(peer_python, method, scheme, calib_file, work / f"peer-{name}")
-        row["peer_ppl"] = score(loaded, text, work / f"peer-{name}")
-        row["ratio"] = row["quantlab_ppl"] / row["peer_ppl"]
+    suffix = f"{args.calib_samples}x{args.calib_len}"
+    dtype = args.quantlab_scale_dtype or "fp16"
+
+    def quantlab():
+        out = work / f"quantlab-{name}-{dtype}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        seconds = quantlab_case(loaded, session, name, calib, out, args.quantlab_scale_dtype)
+        return {"seconds": seconds, "ppl": score(loaded, text, out)}
+
+    def peer():
+        out = work / f"peer-{name}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        seconds = peer_case(args.peer_python, method, scheme, calib_file, out)
+        return {"seconds": seconds, "ppl": score(loaded, text, out)}
+
+    ours = cached(done, f"quantlab|{name}|{dtype}|{suffix}", results_file, quantlab)
+    row = {"case": name + ("" if dtype == "fp16" else f" ({dtype} scales)"), "quantlab_seconds": ours["seconds"],
+           "quantlab_ppl": ours["ppl"]}
+    if args.peer_python:
+        theirs = cached(done, f"peer|{name}|{suffix}", results_file, peer)
+        row |= {"peer_seconds": theirs["seconds"], "peer_ppl": theirs["ppl"], "ratio": ours["ppl"] / theirs["ppl"]}
     return row
 
 
@@ -136,6 +167,9 @@ def main() -> int:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--work", default=str(ROOT / "bench" / "out" / "peers"), help="checkpoints and results")
     parser.add_argument("--fresh", action="store_true", help="ignore results of an earlier run")
+    parser.add_argument("--quantlab-scale-dtype", default=None, choices=("fp16", "bf16", "fp32"),
+                        help="store QuantLab's scales in this dtype (default: its fp16); llm-compressor keeps the "
+                             "weight's dtype, fp32 for the bundled LM")
     args = parser.parse_args()
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
@@ -159,17 +193,8 @@ def main() -> int:
     done = {} if args.fresh or not results_file.exists() else json.loads(results_file.read_text())
     fp_ppl = done.get("fp") or score(loaded, text, None)
     done["fp"] = fp_ppl
-    rows = []
-    for name in names:
-        key = f"{name}|{bool(args.peer_python)}|{args.calib_samples}x{args.calib_len}"
-        if key not in done:
-            for old in work.glob(f"*-{name}"):
-                subprocess.run(["rm", "-rf", str(old)], check=True)
-            start = time.perf_counter()
-            done[key] = run_case(name, loaded, session, calib, calib_file, args.peer_python, work, text)
-            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            results_file.write_text(json.dumps(done, indent=1))
-        rows.append(done[key])
+    run = (loaded, session, calib, calib_file, work, text, results_file)
+    rows = [run_case(name, args, done, run) for name in names]
     print(table(rows, fp_ppl))
     return 0
 

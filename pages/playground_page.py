@@ -17,6 +17,15 @@ def _quantized(values: tuple, fmt_repr: str, _fmt) -> tuple:
     return result, plots.vector_figure(result)
 
 
+@cached_view(max_entries=64)
+def _both_ranges(values: tuple, fmt_repr: str, _fmt) -> tuple:
+    results = tensors.compare_symmetric_ranges(values, _fmt)
+    summary = tensors.range_summary(results, _fmt)
+    figures = {row.grid: plots.vector_figure(results[row.grid], f"{row.grid} range, codes {row.codes}")
+               for row in summary.itertuples()}
+    return summary, figures
+
+
 st.title("Playground")
 st.write("Quantization stores each number as a small integer **code** plus a shared **scale**. "
          "Edit the values, change the bits, and watch every step.")
@@ -59,6 +68,10 @@ with controls:
     bits = st.slider("Bits", 2, 8, 4, key="pg_bits")
     symmetric = st.radio("Grid", ("symmetric", "asymmetric"), horizontal=True, key="pg_sym") == "symmetric"
     explain("zero-point")
+    symmetric_range = st.radio("Symmetric range", ("full", "restricted"), horizontal=True, key="pg_range",
+                               disabled=not symmetric,
+                               help="full (the default): codes -8..7 at 4 bits and s = max|x| / 7.5, as compressed-"
+                                    "tensors, llm-compressor and GPTQ quantize; restricted: codes -7..7, s = max|x| / 7.")
     sizes = tensors.playground_group_sizes(len(values))
     per_group = st.radio("Scale shared by", ("the whole vector", "groups"), horizontal=True, key="pg_gran",
                          disabled=not sizes) == "groups"
@@ -67,15 +80,19 @@ with controls:
 
 with user_errors():
     gran = Granularity("group", group_size) if per_group and sizes else Granularity("tensor")
-    fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran)
+    fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran,
+                      symmetric_range=symmetric_range if symmetric else "full")
     result, figure = _quantized(tuple(values), repr(fmt), fmt)
 
 first = result.groups.iloc[0]
 st.subheader("The formulas, with your numbers")
 if symmetric:
-    st.latex(r"s = \frac{\max |x|}{2^{b-1}-1} \qquad q = \mathrm{clamp}\left(\mathrm{round}\left(\frac{x}{s}\right),"
-             r" -(2^{b-1}-1),\ 2^{b-1}-1\right) \qquad \hat{x} = s \cdot q")
-    st.latex(rf"s = \frac{{{first['highest']:.4g}}}{{{fmt.qmax}}} = {first['scale']:.5g}"
+    low = r"-(2^{b-1}-1)" if fmt.restricted else r"-2^{b-1}"
+    divisor = r"2^{b-1}-1" if fmt.restricted else r"(2^{b}-1)/2"
+    st.latex(rf"s = \frac{{\max |x|}}{{{divisor}}} \qquad q = \mathrm{{clamp}}\left(\mathrm{{round}}\left(\frac{{x}}{{s}}"
+             rf"\right), {low},\ 2^{{b-1}}-1\right) \qquad \hat{{x}} = s \cdot q")
+    absmax = float(result.table[result.table["group"] == 0]["value"].abs().max())
+    st.latex(rf"s = \frac{{{absmax:.4g}}}{{{fmt.symmetric_divisor:g}}} = {first['scale']:.5g}"
              rf"\qquad q \in [{fmt.qmin}, {fmt.qmax}]")
 else:
     st.latex(r"s = \frac{\max x - \min x}{2^{b}-1} \qquad z = \mathrm{round}\left(-\frac{\min x}{s}\right) \qquad "
@@ -91,6 +108,18 @@ metrics[1].metric("Zero-point", int(first["zero_point"]) if not symmetric else "
 metrics[2].metric("Mean squared error", f"{result.report.mse:.3g}")
 metrics[3].metric("Values clipped", int(result.table["clipped"].sum()))
 st.plotly_chart(figure, key="pg_chart")
+
+if symmetric:
+    st.subheader("Full or restricted range: the extra level")
+    summary, range_figures = _both_ranges(tuple(values), repr(fmt), fmt)
+    st.caption(f"The same values on both symmetric grids. The full range [{-2 ** (bits - 1)}, {2 ** (bits - 1) - 1}] "
+               "is what compressed-tensors, llm-compressor, GPTQ and vLLM use: its step is max|x| / "
+               f"{2 ** bits / 2 - 0.5:g} instead of / {2 ** (bits - 1) - 1}, finer for every value, and the most "
+               "negative value can use the extra code; the price is that a positive max|x| lands on "
+               f"{2 ** bits / 2 - 0.5:g} steps and is clipped to {2 ** (bits - 1) - 1}, half a step short.")
+    for column, (grid, range_figure) in zip(st.columns(2), range_figures.items()):
+        column.plotly_chart(range_figure, key=f"pg_range_chart_{grid}")
+    st.dataframe(summary, hide_index=True, width="stretch")
 
 st.subheader("Every value, step by step")
 st.caption("scaled = x / s (+ z) before rounding; code = the stored integer; dequantized = what the model computes "

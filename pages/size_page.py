@@ -48,6 +48,12 @@ st.title("Size & scale overhead")
 explain("bits per weight")
 st.write("A quantized weight costs its code bits, plus its share of the scale (and zero-point) it shares with its "
          "group. Smaller groups fit the weights better and cost more overhead; fp32 scales cost twice fp16's.")
+st.latex(r"\text{bits per weight} = b + \frac{\text{scale bits} + \text{zero-point bits}}{g}"
+         r"\qquad \text{INT4 g128, fp16 scales: } 4 + \tfrac{16}{128} = 4.125")
+st.caption("Symmetric integers use the full signed range [-2^(b-1), 2^(b-1)-1] (INT4: codes -8..7, scale = "
+           "absmax / 7.5), as compressed-tensors, llm-compressor and GPTQ store them; the restricted range "
+           "(-7..7, absmax / 7; names ending -restricted) costs exactly the same bits, with one code left unused. "
+           "Asymmetric: codes 0..2^b-1, scale = (max - min) / (2^b - 1), plus a b-bit zero-point per group.")
 
 choice = model_choice()
 if choice is None:

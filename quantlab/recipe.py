@@ -116,12 +116,25 @@ class KVSpec:
 
 @dataclass(frozen=True)
 class GPTQParams:
-    """GPTQ's knobs, named as in the reference implementation."""
+    """GPTQ's knobs, named as in the reference implementation; defaults as llm-compressor's GPTQModifier.
+
+    The default is *static* act-order (llm-compressor's ``actorder="static"``, alias ``"weight"``):
+    columns are quantized by decreasing diag(H), with group scales taken from the original weights
+    in their original column order, so the checkpoint needs no ``g_idx``. ``act_order=False,
+    static_groups=False`` is the original paper's order (``--no-act-order``).
+    """
 
     damp: float = 0.01  # added to H's diagonal as a fraction of its mean: keeps the Cholesky stable
     block_size: int = 128  # columns per lazy batch: the updates of later columns are deferred to one matmul
-    act_order: bool = False  # desc_act: quantize columns by decreasing diag(H), most salient first
-    static_groups: bool = False  # group scales from the original weights, before any GPTQ update
+    act_order: bool = True  # desc_act: quantize columns by decreasing diag(H), most salient first
+    static_groups: bool = True  # group scales from the original weights, before any GPTQ update
+
+    @property
+    def label(self) -> str:
+        """How the run was made, for records and summaries: ``static act-order, damp 0.01, block 128``."""
+        order = ("static act-order" if self.static_groups else "act-order") if self.act_order else "column order"
+        groups = ", static groups" if self.static_groups and not self.act_order else ""
+        return f"{order}{groups}, damp {self.damp:g}, block {self.block_size}"
 
     def __post_init__(self) -> None:
         if not 0 < self.damp <= 1:

@@ -14,12 +14,29 @@ from quantlab.numerics.formats import QuantFormat
 
 
 def test_quantize_vector_matches_the_hand_computation():
-    # absmax 1.0, INT4 symmetric: s = 1/7 (fp16: 0.14282); 0.5/s = 3.5009 -> 4, 0.7/s = 4.901 -> 5.
+    # absmax 1.0, INT4 symmetric full range: s = 1/7.5 (fp16: 0.13330); 0.5/s = 3.751 -> 4, -1/s = -7.502 -> -8.
     result = tensors.quantize_vector([0.0, 0.5, -1.0, 0.7], QuantFormat.parse("int4-per-tensor"))
-    assert result.table["code"].tolist() == [0, 4, -7, 5]
-    assert result.table["scale"].iloc[0] == pytest.approx(torch.tensor(1 / 7).half().item())
+    assert result.table["code"].tolist() == [0, 4, -8, 5]
+    assert result.table["scale"].iloc[0] == pytest.approx(torch.tensor(1 / 7.5).half().item())
     assert not result.table["clipped"].any()
-    assert len(result.levels) == 15 and result.levels[7] == 0  # codes -7..7
+    assert len(result.levels) == 16 and result.levels[8] == 0  # codes -8..7
+    # Restricted: s = 1/7 (fp16: 0.14282); 0.5/s = 3.5009 -> 4, 0.7/s = 4.901 -> 5.
+    restricted = tensors.quantize_vector([0.0, 0.5, -1.0, 0.7], QuantFormat.parse("int4-per-tensor-restricted"))
+    assert restricted.table["code"].tolist() == [0, 4, -7, 5]
+    assert len(restricted.levels) == 15 and restricted.levels[7] == 0  # codes -7..7
+
+
+def test_range_comparison_shows_the_extra_level_and_what_the_full_range_clips():
+    fmt = QuantFormat.parse("int4-per-tensor", scale_dtype="fp32")
+    results = tensors.compare_symmetric_ranges([-7.5, 1.875, 5.625, 7.5], fmt)
+    summary = tensors.range_summary(results, fmt).set_index("grid")
+    # Full: s = 7.5 / 7.5 = 1, so 7.5 clamps to 7 (clipped) and -7.5 rounds (ties to even) to -8, the extra level.
+    assert results["full"].table["code"].tolist() == [-8, 2, 6, 7]
+    assert summary.loc["full", "values clipped"] == 1 and summary.loc["full", "values on the extra level"] == 1
+    assert summary.loc["restricted", "values clipped"] == 0 and summary.loc["restricted", "levels"] == 15
+    assert summary.loc["full", "scale rule"] == "absmax / 7.5" and summary.loc["restricted", "scale rule"] == "absmax / 7"
+    with pytest.raises(FormatError, match="symmetric integer"):
+        tensors.compare_symmetric_ranges([1.0, 2.0], QuantFormat.parse("int4-asym"))
 
 
 def test_asymmetric_groups_get_their_own_zero_points():
@@ -48,7 +65,10 @@ def test_clipping_sweep_minimum_is_no_worse_than_min_max():
     best = tensors.best_ratio(sweep)
     no_clip = sweep[sweep["clip_ratio"] == 1.0].iloc[0]
     assert best["mse"] <= no_clip["mse"] and best["clip_ratio"] < 1.0
-    assert no_clip["clipped_fraction"] == 0 and no_clip["clipping_mse"] == 0
+    # At ratio 1 the full range clips at most a block's positive peak (7.5 steps -> 7), one value per 64.
+    assert 0 <= no_clip["clipped_fraction"] <= 1 / 64 and no_clip["clipping_mse"] < 0.05 * no_clip["mse"]
+    restricted = tensors.clipping_sweep(W, QuantFormat.parse("int3-g64-restricted"))
+    assert restricted[restricted["clip_ratio"] == 1.0].iloc[0]["clipped_fraction"] == 0
     assert np.allclose(sweep["mse"], sweep["rounding_mse"] + sweep["clipping_mse"])
 
 
@@ -64,7 +84,9 @@ def test_weight_views_overlay_the_grid_of_the_largest_block():
     W[3, 40] = 25.0
     views = tensors.weight_views(W, QuantFormat.parse("int4-g32"))
     assert views.block == (3, 1)  # row 3, second group of 32 holds the planted value
-    assert views.levels.max() == pytest.approx(25.0, rel=1e-3)
+    # s = 25 / 7.5: the grid runs from -8 s to 7 s, so the planted 25 itself is clipped to 7 s.
+    assert views.levels.max() == pytest.approx(25.0 * 7 / 7.5, rel=1e-3)
+    assert views.levels.min() == pytest.approx(-25.0 * 8 / 7.5, rel=1e-3)
     assert views.summary["bits_per_weight"] == pytest.approx(4.5)
 
 

@@ -82,10 +82,10 @@ def test_model_page_on_the_encoder():
 def test_playground_outlier_blows_up_the_scale():
     at = open_page("playground")
     before = metrics(at)
-    # The example's largest |value| is 1.2: INT4 symmetric gives s = 1.2 / 7, stored in fp16.
-    assert before["Scale (first group)"] == f"{torch.tensor(1.2 / 7).half().item():.4g}"
+    # The example's largest |value| is 1.2: INT4 symmetric (full range) gives s = 1.2 / 7.5, stored in fp16.
+    assert before["Scale (first group)"] == f"{torch.tensor(1.2 / 7.5).half().item():.4g}"
     table = next(d.value for d in at.dataframe if "code" in d.value)
-    assert len(table) == 8 and table["code"].between(-7, 7).all()
+    assert len(table) == 8 and table["code"].between(-8, 7).all()
     at.button(key="pg_outlier").click().run()
     after = metrics(at)
     assert float(after["Scale (first group)"]) > 9 * float(before["Scale (first group)"])
@@ -95,6 +95,28 @@ def test_playground_outlier_blows_up_the_scale():
     assert not at.exception
     assert metrics(at)["Zero-point"] != "none"
     assert at.get("plotly_chart") and at.latex
+
+
+def test_playground_shows_the_full_and_restricted_grids_side_by_side():
+    at = open_page("playground")
+    summary = range_table(at)
+    assert summary["grid"].tolist() == ["full", "restricted"] and summary["codes"].tolist() == ["[-8, 7]", "[-7, 7]"]
+    full, restricted = summary["scale (first group)"]
+    assert full == pytest.approx(torch.tensor(1.2 / 7.5).half().item()) and restricted > full
+    assert len(at.get("plotly_chart")) == 3  # the main chart and one per grid
+    # The outlier (10 x 1.2 = 12) sets the scale: 12 / s = 7.5 (s rounded down in fp16: 7.502) is clamped to
+    # 7 on the full grid, half a step short; the restricted grid (12 / s = 7) holds it.
+    at.button(key="pg_outlier").click().run()
+    assert range_table(at)["values clipped"].tolist() == [1, 0]
+    at.radio(key="pg_range").set_value("restricted").run()
+    assert not at.exception
+    assert metrics(at)["Scale (first group)"] == f"{range_table(at)['scale (first group)'].iloc[1]:.4g}"
+    assert metrics(at)["Values clipped"] == "0"
+    assert any("{7}" in latex.value for latex in at.latex)  # s = max|x| / 7 in the formula
+
+
+def range_table(at: AppTest):
+    return next(d.value for d in at.dataframe if "grid" in d.value)
 
 
 def test_weights_page_shows_histograms_and_compares_two_formats():
@@ -129,6 +151,7 @@ def test_size_page_computes_the_7b_arithmetic():
     assert len(this_model) == n_variants and len(reference) == 3 * n_variants
     seven_b = [m.value for m in at.markdown if m.value.startswith("**7B at INT4")]
     assert seven_b and "4.125 bits per quantized weight" in seven_b[0]
+    assert any("full signed range" in c.value and "absmax / 7.5" in c.value for c in at.caption)
     assert len(at.get("plotly_chart")) == 2
 
 

@@ -126,3 +126,22 @@ def test_argument_errors_exit_2(capsys, argv):
         main(argv)
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], (True, True)),  # llm-compressor's actorder="static": act-order with group scales from the original weights
+    (["--no-act-order"], (False, False)),  # the old behaviour: column order, groups chosen as the loop reaches them
+    (["--act-order", "--no-static-groups"], (True, False)),
+])
+def test_gptq_order_flags(tiny_llama, flags, expected):
+    from quantlab.cli import build_parser
+    from quantlab.cli.quantize_cmd import config_from_args
+
+    args = build_parser().parse_args(["quantize", "--method", "gptq", "--format", "int4", "--group-size", "32",
+                                      "--restricted", *flags])
+    config = config_from_args(args, tiny_llama)
+    assert (config.gptq.act_order, config.gptq.static_groups) == expected
+    assert (config.gptq.damp, config.gptq.block_size) == (0.01, 128)
+    assert config.to_dict()["gptq"] == {"damp": 0.01, "block_size": 128, "act_order": expected[0],
+                                        "static_groups": expected[1]}  # stated in the run's record
+    assert config.weight_format.name == "int4-g32-restricted"

@@ -21,8 +21,9 @@ from quantlab.recipe import CalibConfig, GPTQParams, RunResult, parse_config_nam
 from quantlab.models.architectures import find_linears
 from quantlab.calibrate.runner import calibration_set, collect_activation_stats, run_blocks
 from quantlab.errors import DataError, FormatError
-from quantlab.runs.export import STATS_FILE, export_compressed, export_run_data, load_run_data
+from quantlab.runs.export import STATS_FILE, export_compressed, export_run_data, load_run_data, read_compressed
 from quantlab.models.quantized import QuantizedLinear
+from quantlab.numerics.primitives import dequantize
 from quantlab.runs.records import read_record
 from quantlab.models.sizing import model_size
 
@@ -74,6 +75,8 @@ def test_config_describes_the_format(gptq_export):
     assert weights == {**weights, "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
                        "group_size": 64}
     assert qc["ignore"] == ["lm_head"]
+    assert qc["quantlab"] == {"weight_format": "int4-g64", "symmetric_range": "full", "codes": [-8, 7],
+                              "scale": "absmax / 7.5", "scale_dtype": "fp16"}
     assert {"tokenizer.json", "model.safetensors", "config.json"} <= set(result.files)
 
 
@@ -87,7 +90,7 @@ def test_symmetric_codes_are_bit_exact_and_library_decompression_matches(gptq_ex
         packed = tensors[f"{name}.weight_packed"]
         assert packed.dtype == torch.int32 and f"{name}.weight_zero_point" not in tensors
         codes = unpack_from_int32(packed, 4, tensors[f"{name}.weight_shape"])
-        assert torch.equal(codes, module.codes)  # QuantLab's restricted [-7, 7] codes, unchanged
+        assert torch.equal(codes, module.codes)  # QuantLab's full-range [-8, 7] codes, unchanged
         assert_fp16_close(decompressed[f"{name}.weight"], module.dequantized_weight())
 
 
@@ -135,6 +138,28 @@ def test_asymmetric_codes_and_zero_points_shift_exactly(tiny_llama, tmp_path, na
         torch.testing.assert_close(reference(ids).logits, model(ids).logits, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["rtn-int4-g32", "rtn-int4-g32-restricted", "rtn-int8", "rtn-int4-g32-asym"])
+def test_exports_read_back_into_quantlab_bit_exactly(tiny_llama, tmp_path, name):
+    model, _, config = quantize(tiny_llama, name, random_ids())
+    result = export_compressed(model, tmp_path / "out")
+    fmt = config.weight_format
+    assert result.quantization_config["quantlab"]["symmetric_range"] == (fmt.symmetric_range if fmt.symmetric else None)
+    read = read_compressed(result.path)
+    layers = quantized_layers(model)
+    assert set(read) == set(layers)
+    for layer_name, module in layers.items():
+        qt = read[layer_name]
+        assert qt.fmt == fmt  # the range comes back from quantization_config.quantlab
+        assert torch.equal(qt.codes, module.codes) and torch.equal(qt.qparams.scale, module.scale)
+        if fmt.has_zero_point:
+            assert torch.equal(qt.qparams.zero_point.int(), module.zero_point.int())
+        assert torch.equal(dequantize(qt), module.dequantized_weight())
+    if fmt.restricted:
+        assert all(int(qt.codes.min()) >= -7 for qt in read.values())
+    elif fmt.symmetric:
+        assert min(int(qt.codes.min()) for qt in read.values()) == -(2 ** (fmt.n_bits - 1))
+
+
 def test_refuses_a_non_empty_folder_and_keeps_its_files(tiny_llama, tmp_path):
     model, _, _ = quantize(tiny_llama, "rtn-int4-g32", random_ids())
     target = tmp_path / "taken"
@@ -157,7 +182,7 @@ def test_formats_without_a_pack_quantized_form_are_refused(tiny_llama, tmp_path)
 
 def test_gptq_act_order_exports_with_static_groups_only(tiny_llama, tmp_path):
     ids = random_ids(4, 32)
-    permuted, _, _ = quantize(tiny_llama, "gptq-int4-g32", ids, gptq=GPTQParams(act_order=True))
+    permuted, _, _ = quantize(tiny_llama, "gptq-int4-g32", ids, gptq=GPTQParams(act_order=True, static_groups=False))
     with pytest.raises(FormatError, match="static groups"):
         export_compressed(permuted, tmp_path / "dynamic")
     static, _, _ = quantize(tiny_llama, "gptq-int4-g32", ids, gptq=GPTQParams(act_order=True, static_groups=True))

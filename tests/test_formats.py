@@ -73,12 +73,29 @@ def test_indivisible_group_size_names_the_valid_choices():
         QuantFormat.parse("int4-g128").storage(8, 200)
 
 
-def test_integer_grids_use_the_restricted_symmetric_range():
-    assert (QuantFormat.parse("int4").qmin, QuantFormat.parse("int4").qmax) == (-7, 7)
-    assert (QuantFormat.parse("int8").qmin, QuantFormat.parse("int8").qmax) == (-127, 127)
+def test_integer_grids_use_the_full_symmetric_range_by_default():
+    assert (QuantFormat.parse("int4").qmin, QuantFormat.parse("int4").qmax) == (-8, 7)
+    assert (QuantFormat.parse("int8").qmin, QuantFormat.parse("int8").qmax) == (-128, 127)
+    assert QuantFormat.parse("int4").symmetric_divisor == 7.5
+    assert QuantFormat.parse("int8").symmetric_divisor == 127.5
     assert (QuantFormat.parse("int3-asym").qmin, QuantFormat.parse("int3-asym").qmax) == (0, 7)
     with pytest.raises(FormatError, match="no integer grid"):
         QuantFormat.parse("nf4").qmax
+
+
+def test_restricted_range_is_an_option_and_a_name_suffix():
+    fmt = QuantFormat.parse("int4-g128-restricted")
+    assert fmt.symmetric_range == "restricted" and (fmt.qmin, fmt.qmax) == (-7, 7) and fmt.symmetric_divisor == 7
+    assert (QuantFormat.parse("int8-restricted").qmin, QuantFormat.parse("int8-restricted").qmax) == (-127, 127)
+    assert fmt.name == "int4-g128-restricted" and QuantFormat.parse(fmt.name) == fmt
+    assert QuantFormat.parse("int4-g128").name == "int4-g128"  # the default range adds nothing to the name
+    # Same storage: the range changes which codes are used, not how many bits they take.
+    assert fmt.storage(64, 256) == QuantFormat.parse("int4-g128").storage(64, 256)
+    for text in ("int4-g128-asym-restricted", "nf4-g64-restricted", "fp8-e4m3-restricted"):
+        with pytest.raises(FormatError, match="symmetric integers only"):
+            QuantFormat.parse(text)
+    with pytest.raises(FormatError, match="symmetric range must be one of"):
+        QuantFormat(symmetric_range="half")
 
 
 def test_nf4_levels_are_sorted_with_exact_ends_and_zero():

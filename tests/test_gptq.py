@@ -108,14 +108,14 @@ def test_gptq_returns_the_same_kind_of_codes_as_rtn():
 def test_act_order_with_groups_stores_permuted_columns_that_the_layer_undoes():
     layer, X, H = linear_and_hessian()
     fmt = QuantFormat.parse("int4-g16")
-    result = gptq_quantize(layer.weight, H, fmt, GPTQParams(act_order=True))
+    result = gptq_quantize(layer.weight, H, fmt, GPTQParams(act_order=True, static_groups=False))
     assert result.perm is not None
     assert torch.equal(result.perm, torch.argsort(torch.diag(H), descending=True))
     assert result.perm[0] == 5  # the outlier channel has the largest diag(H) and goes first
     module = QuantizedLinear.from_linear(layer, result.quantized, in_perm=result.perm)
     expected = X @ effective_weight(result.quantized, result.perm).T + layer.bias
     torch.testing.assert_close(module(X), expected.detach(), rtol=1e-5, atol=1e-5)
-    plain = effective_weight(gptq_quantize(layer.weight, H, fmt).quantized)
+    plain = effective_weight(gptq_quantize(layer.weight, H, fmt, GPTQParams(act_order=False, static_groups=False)).quantized)
     assert output_error(layer.weight, module.dequantized_weight(), H) <= output_error(layer.weight, plain, H) * 1.05
 
 
@@ -128,6 +128,19 @@ def test_static_groups_use_the_original_weights_scales(act_order):
     torch.testing.assert_close(result.quantized.qparams.scale, choose_qparams(layer.weight.detach(), fmt).scale)
     rtn = dequantize(rtn_quantize(layer.weight.detach(), fmt).quantized)
     assert output_error(layer.weight, dequantize(result.quantized), H) < output_error(layer.weight, rtn, H)
+
+
+def test_defaults_are_llm_compressors_static_act_order():
+    params = GPTQParams()
+    assert (params.act_order, params.static_groups, params.damp, params.block_size) == (True, True, 0.01, 128)
+    assert params.label == "static act-order, damp 0.01, block 128"
+    layer, _, H = linear_and_hessian()
+    fmt = QuantFormat.parse("int4-g16")
+    default = gptq_quantize(layer.weight, H, fmt)
+    static = gptq_quantize(layer.weight, H, fmt, GPTQParams(act_order=True, static_groups=True))
+    assert default.perm is None and torch.equal(default.quantized.codes, static.quantized.codes)
+    plain = gptq_quantize(layer.weight, H, fmt, GPTQParams(act_order=False, static_groups=False))
+    assert not torch.equal(default.quantized.codes, plain.quantized.codes)
 
 
 def test_block_size_does_not_change_the_result_without_groups():

@@ -81,11 +81,12 @@ def test_pack_int32_round_trips(n_bits, cols):
 
 
 @pytest.mark.parametrize("name", ["int2", "int3", "int4", "int5", "int6", "int7", "int8"])
-def test_signed_codes_offset_by_half_the_range_and_back(name):
-    fmt = QuantFormat.parse(name)
+@pytest.mark.parametrize("suffix, lowest", [("", 0), ("-restricted", 1)])
+def test_signed_codes_offset_by_half_the_range_and_back(name, suffix, lowest):
+    fmt = QuantFormat.parse(name + suffix)
     codes = torch.arange(fmt.qmin, fmt.qmax + 1, dtype=torch.int8)
     unsigned = to_unsigned(codes, fmt)
-    assert unsigned.dtype == torch.uint8 and unsigned.min() == 1 and unsigned.max() == 2**fmt.n_bits - 1
+    assert unsigned.dtype == torch.uint8 and unsigned.min() == lowest and unsigned.max() == 2**fmt.n_bits - 1
     assert torch.equal(from_unsigned(unsigned, fmt), codes)
 
 

@@ -27,6 +27,7 @@ FORMATS = (
     "fp8-e5m2-per-tensor",
 )
 SYMMETRIC = tuple(name for name in FORMATS if not name.endswith("asym"))
+RESTRICTED = tuple(f"{name}-restricted" for name in SYMMETRIC if name.startswith("int"))
 
 
 def weights(rows=8, cols=64, seed=0, dtype=torch.float32) -> torch.Tensor:
@@ -41,6 +42,23 @@ def fp16(value: float) -> float:
 def test_int4_symmetric_per_tensor_matches_the_hand_computation():
     x = torch.tensor([0.0, 0.5, -1.0, 0.7])
     qt = quantize(x, QuantFormat.parse("int4-per-tensor"))
+    scale = fp16(1 / 7.5)  # absmax 1 over (qmax - qmin) / 2 = 7.5, stored in fp16 (rounded down)
+    assert scale == 0.13330078125 and qt.qparams.scale.item() == scale
+    # 0.5 / s = 3.751 -> 4, -1 / s = -7.502 -> -8 (the full range's 16th level), 0.7 / s = 5.251 -> 5
+    assert qt.codes.tolist() == [0, 4, -8, 5]
+    assert torch.equal(dequantize(qt), torch.tensor([0.0, 4.0, -8.0, 5.0]) * scale)
+
+
+def test_int4_full_range_clips_the_positive_absmax_by_half_a_step():
+    qt = quantize(torch.tensor([1.0, -0.5]), QuantFormat.parse("int4-per-tensor", scale_dtype="fp32"))
+    scale = torch.tensor(1 / 7.5).item()
+    assert qt.qparams.scale.item() == scale and qt.codes.tolist() == [7, -4]  # 1 / s = 7.5 clamps to 7
+    assert dequantize(qt)[0].item() == pytest.approx(1.0 - scale / 2)
+
+
+def test_int4_restricted_per_tensor_matches_the_hand_computation():
+    x = torch.tensor([0.0, 0.5, -1.0, 0.7])
+    qt = quantize(x, QuantFormat.parse("int4-per-tensor-restricted"))
     scale = fp16(1 / 7)  # absmax 1 over qmax 7, stored in fp16
     assert scale == 0.142822265625 and qt.qparams.scale.item() == scale
     assert qt.codes.tolist() == [0, 4, -7, 5]  # 0.5 / s = 3.5009 -> 4, 0.7 / s = 4.901 -> 5
@@ -159,12 +177,21 @@ def test_requantizing_with_the_same_qparams_changes_nothing(name):
     assert torch.equal(codes_again.view(torch.uint8), codes.view(torch.uint8))
 
 
-@pytest.mark.parametrize("name", SYMMETRIC)
-def test_symmetric_formats_are_idempotent_with_fresh_qparams(name):
+@pytest.mark.parametrize("name", RESTRICTED + tuple(n for n in SYMMETRIC if not n.startswith("int")))
+def test_restricted_and_float_formats_are_idempotent_with_fresh_qparams(name):
     fmt = QuantFormat.parse(name)
     once = fake_quantize(weights(seed=2), fmt)
     assert torch.equal(choose_qparams(once, fmt).scale, choose_qparams(weights(seed=2), fmt).scale)
     assert torch.equal(fake_quantize(once, fmt), once)
+
+
+def test_full_range_min_max_is_not_idempotent_as_documented():
+    # s = 7.5 / 7.5 = 1: -7.5 -> -8 (ties to even), so the second pass sees absmax 8 and picks s = 8 / 7.5.
+    fmt = QuantFormat.parse("int4-per-tensor", scale_dtype="fp32")
+    once = fake_quantize(torch.tensor([-7.5, 1.0]), fmt)
+    assert once.tolist() == [-8.0, 1.0]
+    assert choose_qparams(once, fmt).scale.item() == pytest.approx(8 / 7.5)
+    assert not torch.equal(fake_quantize(once, fmt), once)
 
 
 def test_asymmetric_min_max_is_not_idempotent_as_documented():
@@ -193,7 +220,11 @@ def test_constant_and_zero_rows_stay_within_half_a_step(name):
     qparams = choose_qparams(x, fmt)
     out = fake_quantize(x, fmt, qparams)
     assert torch.isfinite(out).all() and torch.equal(out[2], torch.zeros(32))
-    assert ((out - x).abs() <= error_bound(x, fmt, qparams) * (1.001 if fmt.symmetric else 2)).all()
+    bound = error_bound(x, fmt, qparams) * (1.001 if fmt.symmetric else 2)
+    if fmt.kind == "int" and fmt.symmetric:  # the full range clamps a positive absmax (at 7.5 s at INT4) to 7 s:
+        # half a step, plus what the scale's rounding to fp16 adds (7.5 s times fp16's relative error 2^-11)
+        bound = bound + error_bound(x, fmt, qparams) * 2 * fmt.symmetric_divisor * 2.0**-11
+    assert ((out - x).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -219,10 +250,11 @@ def test_nan_with_given_qparams_raises_for_codes_and_passes_through_fake_quantiz
 
 
 def test_scale_overflowing_fp16_asks_for_a_wider_scale_dtype():
-    x = torch.tensor([[1e6, 1.0]])  # s = 1e6 / 7 is beyond fp16's 65504
+    x = torch.tensor([[1e6, 1.0]])  # s = 1e6 / 7.5 is beyond fp16's 65504
     with pytest.raises(QuantizationError, match="bf16"):
         fake_quantize(x, QuantFormat.parse("int4"))
-    assert fake_quantize(x, QuantFormat.parse("int4", scale_dtype="bf16"))[0, 0].item() == pytest.approx(1e6, rel=0.01)
+    # 1e6 / s = 7.5 clamps to 7 in the full range: 7 / 7.5 of 1e6, to bf16's precision.
+    assert fake_quantize(x, QuantFormat.parse("int4", scale_dtype="bf16"))[0, 0].item() == pytest.approx(1e6 * 7 / 7.5, rel=0.01)
 
 
 def test_indivisible_group_size_is_a_format_error_naming_valid_choices():
@@ -254,12 +286,13 @@ def test_output_dtype_follows_input_and_input_is_never_modified(name, dtype):
 def int_cases(draw):
     n_bits = draw(st.integers(2, 8))
     symmetric = draw(st.booleans())
+    restricted = symmetric and draw(st.booleans())
     granularity = draw(st.sampled_from(["per-tensor", "per-channel", "g4", "g8"]))
     scale_dtype = draw(st.sampled_from(["fp16", "bf16", "fp32"]))
     rows, cols = draw(st.integers(1, 3)), draw(st.sampled_from([8, 16, 24]))
     values = draw(st.lists(st.floats(-1e3, 1e3, width=32, allow_subnormal=False), min_size=rows * cols,
                            max_size=rows * cols))
-    name = f"int{n_bits}-{granularity}" + ("" if symmetric else "-asym")
+    name = f"int{n_bits}-{granularity}" + ("" if symmetric else "-asym") + ("-restricted" if restricted else "")
     return QuantFormat.parse(name, scale_dtype=scale_dtype), torch.tensor(values).reshape(rows, cols)
 
 
@@ -276,9 +309,15 @@ def test_error_is_at_most_half_a_step_inside_the_range_and_values_lie_on_the_gri
     # fp32 slack: x / s and q * s each round once (relative 2^-24 of at most 255 steps).
     slack = scale * 1e-4 + blocks.abs() * 1e-6
     assert ((blocks - out_blocks).abs() <= scale / 2 + slack)[inside].all()
-    if fmt.symmetric:  # min-max never clips a symmetric grid while the stored scale keeps its precision
-        normal = qparams.scale.float() >= torch.finfo(fmt.torch_scale_dtype).tiny  # (rows, groups, 1)
-        assert inside[normal.expand_as(inside)].all()
+    normal = (qparams.scale.float() >= torch.finfo(fmt.torch_scale_dtype).tiny).expand_as(inside)
+    if fmt.restricted:  # min-max never clips a restricted grid while the stored scale keeps its precision
+        assert inside[normal].all()
+    elif fmt.symmetric:  # the full range clips only the top (x / s >= qmax + 1/2), by half a step and
+        # the rounding of the stored scale (7.5 s times the dtype's relative error, doubled for slack)
+        clipped = ~inside & normal
+        eps = torch.finfo(fmt.torch_scale_dtype).eps
+        bound = scale * (0.5 + 2 * fmt.symmetric_divisor * eps) + slack
+        assert (blocks[clipped] > 0).all() and ((blocks - out_blocks).abs() <= bound)[clipped].all()
     steps = out_blocks / scale + zero  # grid points are (q - z) * s with integer q in [qmin, qmax]
     assert ((steps - steps.round()).abs() <= 1e-4).all()
     assert ((steps.round() >= fmt.qmin) & (steps.round() <= fmt.qmax)).all()
@@ -288,9 +327,12 @@ def test_error_is_at_most_half_a_step_inside_the_range_and_values_lie_on_the_gri
 def test_percentile_and_mse_clip_heavy_tails_for_lower_error_than_min_max():
     torch.manual_seed(0)
     x = torch.distributions.StudentT(3.0).sample((32, 256))  # heavy tails: a few large values per row
-    reports = {method: error_report(x, QuantFormat.parse("int3", range_method=method, percentile=99.0))
+    reports = {method: error_report(x, QuantFormat.parse("int3-restricted", range_method=method, percentile=99.0))
                for method in ("minmax", "percentile", "mse")}
     assert reports["minmax"].clipped_fraction == 0.0 and reports["minmax"].clipping_mse == 0.0
+    # The full range's min-max clips at most the largest positive value of a row, by half a step.
+    full = error_report(x, QuantFormat.parse("int3"))
+    assert full.clipped_fraction <= 1 / 256 and full.clipping_mse < 0.01 * full.mse
     for method in ("percentile", "mse"):
         report = reports[method]
         assert 0.0 < report.clipped_fraction < 0.05 and report.clipping_mse > 0.0

@@ -18,7 +18,8 @@ when a group starts inside a batch (g64 with batches of 128), a small difference
 ``static_groups`` all group scales come from the original weights before the loop.
 
 Act-order (desc_act) quantizes columns by decreasing diag H, the most salient inputs first, while
-the most freedom is left to compensate. Per-channel and per-tensor scales and static groups do not
+the most freedom is left to compensate. The default (``GPTQParams``) is act-order with static groups,
+llm-compressor's ``actorder="static"``; ``act_order=False`` is the paper's plain column order. Per-channel and per-tensor scales and static groups do not
 depend on the order, so the result is returned in the original column order. Non-static groups are
 formed *in the permuted order*, as the reference does: group k holds the permuted columns
 k*g..(k+1)*g-1. The codes are then returned in permuted column order with ``perm`` (column j of the
@@ -217,7 +218,7 @@ def process_block(ctx: BlockContext) -> list[LayerResult]:
     for local_name in names:  # block order
         result, seconds = distributed.broadcast_from(owner[local_name], solved.get(local_name), ctx.weight(local_name).device)
         extra = {"gptq_loss": result.loss, "damp": result.damp, "fallback": result.fallback,
-                 "act_order": params.act_order, "static_groups": params.static_groups}
+                 "act_order": params.act_order, "static_groups": params.static_groups, "block_size": params.block_size}
         results.append(ctx.finish_linear(
             local_name, result.quantized, inputs[local_name], seconds=seconds,
             clipped_fraction=result.clipped_fraction, extra=extra, in_perm=result.perm,

@@ -36,7 +36,7 @@ def _vertical_lines(xs: Sequence[float], y_top: float) -> tuple[list, list]:
     return px, py
 
 
-def vector_figure(vq: VectorQuantization) -> go.Figure:
+def vector_figure(vq: VectorQuantization, title: str = "Values and the grid of the first group") -> go.Figure:
     """Each value and where it lands on the grid; clipped values ringed in red, grid levels as grey lines."""
     table = vq.table
     lo, hi = float(min(table["value"].min(), vq.levels.min())), float(max(table["value"].max(), vq.levels.max()))
@@ -59,7 +59,7 @@ def vector_figure(vq: VectorQuantization) -> go.Figure:
     if len(clipped):
         fig.add_trace(go.Scatter(x=clipped.index, y=clipped["value"], mode="markers", name="clipped",
                                  marker=dict(size=18, symbol="circle-open", color=PALETTE[4], line=dict(width=2))))
-    return _layout(fig, "Values and the grid of the first group", "value index", "value")
+    return _layout(fig, title, "value index", "value")
 
 
 def histogram_figure(hist: pd.DataFrame, title: str, x_title: str, levels: np.ndarray | None = None,

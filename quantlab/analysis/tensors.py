@@ -3,11 +3,12 @@
 Every function takes weights as (out_features, in_features) tensors, the layout
 ``architectures.weight_matrix`` returns, and a ``QuantFormat``; inputs are never modified.
 
-Worked example, the playground's four values at INT4 symmetric per-tensor::
+Worked example, the playground's four values at INT4 symmetric per-tensor (full range: s = 1 / 7.5,
+so -1.0 lands on the 16th level, -8)::
 
     >>> result = quantize_vector([0.0, 0.5, -1.0, 0.7], QuantFormat.parse("int4-per-tensor"))
     >>> result.table["code"].tolist()
-    [0, 4, -7, 5]
+    [0, 4, -8, 5]
 """
 
 from __future__ import annotations
@@ -153,6 +154,31 @@ def quantize_vector(values: Sequence[float], fmt: QuantFormat) -> VectorQuantiza
         table["code"] = table["code"].astype(int)
     return VectorQuantization(table, group_table(qparams, fmt), grid_levels(fmt, qparams, 0, 0),
                               error_report(x, fmt, qparams))
+
+
+def compare_symmetric_ranges(values: Sequence[float], fmt: QuantFormat) -> dict[str, VectorQuantization]:
+    """The same vector on the full and the restricted symmetric grid of ``fmt`` (a symmetric int format).
+
+    The full range spends the 16th INT4 level (-8): its step is absmax / 7.5 instead of absmax / 7,
+    finer for every value, at the price of clamping a positive absmax (7.5 steps) to 7 steps.
+    """
+    if not (fmt.kind == "int" and fmt.symmetric):
+        raise FormatError("the full and restricted ranges differ for symmetric integer formats only")
+    return {grid: quantize_vector(values, replace(fmt, symmetric_range=grid)) for grid in ("full", "restricted")}
+
+
+def range_summary(results: dict[str, VectorQuantization], fmt: QuantFormat) -> pd.DataFrame:
+    """One row per grid of ``compare_symmetric_ranges``: codes, step, error, clipped values, extra-level use."""
+    rows = []
+    for grid, vq in results.items():
+        grid_fmt = replace(fmt, symmetric_range=grid)
+        rows.append({
+            "grid": grid, "codes": f"[{grid_fmt.qmin}, {grid_fmt.qmax}]", "levels": grid_fmt.qmax - grid_fmt.qmin + 1,
+            "scale rule": f"absmax / {grid_fmt.symmetric_divisor:g}", "scale (first group)": float(vq.groups["scale"].iloc[0]),
+            "mse": vq.report.mse, "values clipped": int(vq.table["clipped"].sum()),
+            "values on the extra level": int((vq.table["code"] == grid_fmt.qmin).sum()) if grid == "full" else 0,
+        })
+    return pd.DataFrame(rows)
 
 
 def group_table(qparams: QParams, fmt: QuantFormat) -> pd.DataFrame:

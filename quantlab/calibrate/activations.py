@@ -12,7 +12,9 @@ Two ways to choose the scale of a linear layer's input ``x`` (viewed as ``(token
   of codes. SmoothQuant exists to make this path usable.
 
 Activations use symmetric integers with fp32 scales (kernels compute them in fp32 on the fly;
-there is nothing to store). The maths goes through :mod:`quantlab.numerics.primitives`: per-token is that
+there is nothing to store) on the *restricted* range, scale = absmax / 127 at 8 bits: that is what the
+W8A8 kernels compute at run time (vLLM's ``scaled_int8_quant``, SmoothQuant's), unlike weights, which
+follow compressed-tensors' stored full-range grid (see :mod:`quantlab.numerics.formats`). The maths goes through :mod:`quantlab.numerics.primitives`: per-token is that
 module's per-channel granularity on the ``(tokens, features)`` view, per-tensor its per-tensor one.
 
 Example::
@@ -60,7 +62,7 @@ def activation_format(n_bits: int, granularity: str, observer: str = "minmax", p
     gran = Granularity("channel") if granularity == "per-token" else Granularity("tensor")
     return QuantFormat(
         kind="int", n_bits=n_bits, symmetric=True, granularity=gran, scale_dtype="fp32",
-        range_method=observer, percentile=percentile,
+        range_method=observer, percentile=percentile, symmetric_range="restricted",
     )
 
 

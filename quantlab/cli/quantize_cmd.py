@@ -19,6 +19,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, default=None,
                         help="values per scale along the input: N>0 groups, 0 per-channel, -1 per-tensor (default per-channel)")
     parser.add_argument("--asym", action="store_true", help="asymmetric integers (adds a zero-point per scale)")
+    parser.add_argument("--restricted", action="store_true",
+                        help="symmetric integers on the restricted range -(2^(b-1)-1)..2^(b-1)-1, s = absmax/qmax "
+                             "(default: the full range, s = absmax/7.5 at INT4, as compressed-tensors)")
     parser.add_argument("--scale-dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="how scales are stored")
     add_run_options(parser)
     parser.add_argument("--act", default=None, choices=("int8", "int4"), help="also quantize linear inputs (W8A8, W4A8)")
@@ -28,9 +31,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="how static activation scales are calibrated")
     parser.add_argument("--kv", default=None, choices=("int8", "int4", "fp8-e4m3"), help="quantize the KV cache")
     parser.add_argument("--kv-granularity", default="per-token", choices=("per-token", "per-head"))
-    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H)")
-    parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing diag(H)")
-    parser.add_argument("--static-groups", action="store_true", help="GPTQ: group scales from the original weights")
+    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    parser.add_argument("--block-size", type=int, default=128, help="GPTQ columns per lazy batch (default 128)")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPTQ: quantize columns by decreasing diag(H) (default on, as llm-compressor's "
+                             "actorder=static); --no-act-order keeps the plain column order")
+    parser.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                        help="GPTQ: group scales from the original weights (default: on with act-order, "
+                             "off without)")
     parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
     parser.add_argument("--out", default=None, metavar="DIR", help="export the quantized model (compressed-tensors) to DIR")
     parser.add_argument("--record", default=None, metavar="FILE", help="write a run record (JSON) the app can open")
@@ -70,7 +78,8 @@ def config_from_args(args: argparse.Namespace, model):
     return QuantConfig(
         method=args.method, weight_format=format_from_args(args), act=act,
         kv=KVSpec(args.kv, args.kv_granularity) if args.kv else None, calib=calib_from_args(args, model),
-        gptq=GPTQParams(damp=args.damp, act_order=args.act_order, static_groups=args.static_groups),
+        gptq=GPTQParams(damp=args.damp, block_size=args.block_size, act_order=args.act_order,
+                        static_groups=args.act_order if args.static_groups is None else args.static_groups),
         smooth_alpha=args.alpha,
     )
 
@@ -138,6 +147,8 @@ def describe(result) -> str:
         f"{result.config.name}: {result.bits_per_weight:.3f} bits/weight, {result.total_bytes:,} bytes, "
         f"quantized in {result.seconds:.1f} s",
     ]
+    if result.config.method == "gptq":
+        lines.append(f"GPTQ: {result.config.gptq.label}")
     if metric in quality:
         kl = f", KL {quality['kl_divergence']:.4f}" if "kl_divergence" in quality else ""
         lines.append(f"{metric} {quality[metric]:.4f}{kl}")

@@ -33,8 +33,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def format_from_args(args: argparse.Namespace) -> QuantFormat:
-    """The QuantFormat that ``--format/--group-size/--asym/--scale-dtype`` describe."""
-    fmt = QuantFormat.parse(args.format + ("-asym" if args.asym else ""), scale_dtype=args.scale_dtype)
+    """The QuantFormat that ``--format/--group-size/--asym/--restricted/--scale-dtype`` describe."""
+    suffix = ("-asym" if args.asym else "") + ("-restricted" if getattr(args, "restricted", False) else "")
+    fmt = QuantFormat.parse(args.format + suffix, scale_dtype=args.scale_dtype)
     if args.group_size is None:
         return fmt
     return dataclasses.replace(fmt, granularity=Granularity.from_group_size(args.group_size))

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import re
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -44,10 +45,33 @@ class TokenStream:
     prefix_tokens: int  # 1 when the stream starts with a BOS that is not text (prepend_bos), else 0
 
 
+# Token streams already made, per tokenizer: a sweep scores the same held-out text once per
+# configuration, and tokenizing its 180k tokens cost more than a second each time. Weak keys: a
+# tokenizer that goes away takes its streams with it. A few texts per tokenizer at most.
+_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STREAMS_PER_TOKENIZER = 4
+
+
 def encode_text(tokenizer, text: str, max_tokens: int | None = None, prepend_bos: bool = False) -> TokenStream:
-    """Tokenize ``text`` once, with the tokenizer's own special tokens (as GPTQ and lm-eval do)."""
+    """Tokenize ``text`` once, with the tokenizer's own special tokens (as GPTQ and lm-eval do).
+
+    The same (tokenizer, text, max_tokens, prepend_bos) returns the stream made the first time.
+    """
     if tokenizer is None:
         raise DataError("this model has no tokenizer, so it cannot be evaluated on text")
+    try:
+        cache = _STREAMS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no reuse
+        cache = {}
+    key = (text, max_tokens, prepend_bos)  # str keys compare by value; their hash is computed once
+    if key not in cache:
+        if len(cache) >= _STREAMS_PER_TOKENIZER:
+            cache.pop(next(iter(cache)))
+        cache[key] = _encode(tokenizer, text, max_tokens, prepend_bos)
+    return cache[key]
+
+
+def _encode(tokenizer, text: str, max_tokens: int | None, prepend_bos: bool) -> TokenStream:
     fast = getattr(tokenizer, "is_fast", False)
     encoding = tokenizer(text, return_offsets_mapping=fast, verbose=False)
     ids = list(encoding["input_ids"])

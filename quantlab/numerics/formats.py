@@ -12,14 +12,16 @@ Worked example, INT4 with groups of 128, fp16 scales and 4-bit zero-points::
 
 That is 4 bits per weight plus one 16-bit scale and one 4-bit zero-point per 128 weights.
 
-Symmetric integers use the *restricted* range [-(2^(b-1)-1), 2^(b-1)-1] (e.g. [-7, 7] at 4 bits):
-the grid is then symmetric about zero, ``scale = absmax / qmax`` maps both +absmax and -absmax
-exactly onto the grid, and no value is clipped by min-max calibration (as long as the scale is a
-normal number of its storage dtype: fp16 scales below 6.1e-5 lose bits, and then the rounded scale
-may clip the absmax; bf16 scales avoid that for tiny weights). The full range would add one
-negative code (-8) that only the most negative value could ever use, at the cost of a lopsided grid.
-This is the convention of GPTQ's and compressed-tensors' symmetric int checkpoints' values too:
-every restricted code also lies in the full range, so exported files load anywhere.
+Symmetric integers use the *full* signed range [-2^(b-1), 2^(b-1)-1] (e.g. [-8, 7] at 4 bits) with
+compressed-tensors' scale rule ``scale = absmax / ((qmax - qmin) / 2)`` (absmax / 7.5 at 4 bits,
+absmax / 127.5 at 8), as compressed-tensors, llm-compressor, GPTQ and torchao quantize: -absmax maps
+to -7.5, which rounds (half to even) to -8, and +absmax to 7.5, which clamps to 7, so the largest
+positive value is clipped by half a step in exchange for a step 7% finer than absmax / 7 (INT4).
+``symmetric_range="restricted"`` (names ending ``-restricted``) keeps the older convention
+[-(2^(b-1)-1), 2^(b-1)-1] with ``scale = absmax / qmax``: 15 of the 16 INT4 levels, a grid symmetric
+about zero, and nothing clipped by min-max calibration. Both ranges' codes fit the signed range
+compressed-tensors stores, so exports of either load anywhere. (fp16 scales below 6.1e-5 lose bits,
+so the rounded scale may clip the absmax of tiny weights; bf16 scales avoid that.)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 FP8_DTYPES = {"fp8-e4m3": torch.float8_e4m3fn, "fp8-e5m2": torch.float8_e5m2}
 KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
 RANGE_METHODS = ("minmax", "percentile", "mse")
+SYMMETRIC_RANGES = ("full", "restricted")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class QuantFormat:
     scale_dtype: str = "fp16"  # how scales are stored; quantization uses the stored (rounded) scale
     range_method: str = "minmax"  # "minmax" | "percentile" | "mse"
     percentile: float = 99.9  # for "percentile": the share of |x| kept inside the range, in (0, 100]
+    # Symmetric ints only: "full" [-2^(b-1), 2^(b-1)-1] as the deployed tools, or "restricted" [-(2^(b-1)-1), ...].
+    symmetric_range: str = "full"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -132,19 +137,38 @@ class QuantFormat:
             raise FormatError(f"range method must be one of {RANGE_METHODS}, got {self.range_method!r}")
         if not 0 < self.percentile <= 100:
             raise FormatError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.symmetric_range not in SYMMETRIC_RANGES:
+            raise FormatError(f"symmetric range must be one of {SYMMETRIC_RANGES}, got {self.symmetric_range!r}")
+        if self.restricted and not (self.kind == "int" and self.symmetric):
+            raise FormatError("the restricted range applies to symmetric integers only; drop -restricted")
 
     # --- integer grid -------------------------------------------------------------------
     @property
     def qmin(self) -> int:
         if self.kind != "int":
             raise FormatError(f"{self.kind} has no integer grid")
-        return -(2 ** (self.n_bits - 1) - 1) if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.n_bits - 1)) + (1 if self.restricted else 0)
 
     @property
     def qmax(self) -> int:
         if self.kind != "int":
             raise FormatError(f"{self.kind} has no integer grid")
         return 2 ** (self.n_bits - 1) - 1 if self.symmetric else 2**self.n_bits - 1
+
+    @property
+    def restricted(self) -> bool:
+        return self.symmetric_range == "restricted"
+
+    @property
+    def symmetric_divisor(self) -> float:
+        """What absmax is divided by to give a symmetric int scale: (qmax - qmin) / 2, as compressed-tensors.
+
+        7.5 for INT4 full range (absmax lands on -7.5, rounded to -8, and +7.5, clamped to 7); for the
+        restricted range (qmax - qmin) / 2 = qmax = 7, and +-absmax land exactly on +-7.
+        """
+        return (self.qmax - self.qmin) / 2
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -161,11 +185,16 @@ class QuantFormat:
         parts = [base, self.granularity.label]
         if self.has_zero_point:
             parts.append("asym")
+        if self.restricted:
+            parts.append("restricted")
         return "-".join(parts)
 
     @classmethod
     def parse(cls, text: str, **overrides) -> QuantFormat:
         """Read ``int4``, ``int4-g128``, ``int8-per-channel``, ``int3-g64-asym``, ``fp8-e4m3``, ``nf4-g64``.
+
+        ``-restricted`` after a symmetric integer format (``int4-g128-restricted``) selects the
+        restricted range [-(2^(b-1)-1), 2^(b-1)-1]; without it symmetric integers use the full range.
 
         Without a granularity, integers and FP8 default to per-channel and NF4 to groups of 64.
         Keyword ``overrides`` (e.g. ``scale_dtype="fp32"``) replace fields afterwards.
@@ -173,12 +202,13 @@ class QuantFormat:
         match = re.fullmatch(
             # ASCII digits, bounded: \d also takes other scripts' digits, and int() refuses 4300+ of them.
             r"(int(?P<bits>[0-9]{1,3})|(?P<kind>fp8-e4m3|fp8-e5m2|nf4))"
-            r"(-(?P<gran>g(?P<gs>[0-9]{1,9})|per-channel|per-tensor|channel|tensor))?(?P<asym>-asym)?",
+            r"(-(?P<gran>g(?P<gs>[0-9]{1,9})|per-channel|per-tensor|channel|tensor))?(?P<asym>-asym)?(?P<restricted>-restricted)?",
             text.strip().lower(),
         )
         if not match:
             raise FormatError(
-                f"cannot read format {text!r}; examples: int8, int4-g128, int3-g64-asym, fp8-e4m3, nf4-g64"
+                f"cannot read format {text!r}; examples: int8, int4-g128, int3-g64-asym, int4-g128-restricted, "
+                "fp8-e4m3, nf4-g64"
             )
         kind = match["kind"] or "int"
         n_bits = int(match["bits"]) if match["bits"] else {"nf4": 4}.get(kind, 8)
@@ -187,7 +217,8 @@ class QuantFormat:
             granularity = Granularity("group", int(gran_text[1:]))
         else:
             granularity = Granularity("tensor" if "tensor" in gran_text else "channel")
-        fmt = cls(kind=kind, n_bits=n_bits, symmetric=not match["asym"], granularity=granularity)
+        fmt = cls(kind=kind, n_bits=n_bits, symmetric=not match["asym"], granularity=granularity,
+                  symmetric_range="restricted" if match["restricted"] else "full")
         return replace(fmt, **overrides) if overrides else fmt
 
     # --- storage ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Worked example, 3-bit codes ``[5, 2, 7]``: the stream holds ``5 + 2*8 + 7*64 = 4
 widths that divide 32): ``32 / n`` codes per word along the last dimension, lowest bits first.
 
 Signed symmetric integer codes are stored offset by ``2^(n-1)`` (``to_unsigned``), as
-compressed-tensors does; restricted-range codes then lie in ``[1, 2^n - 1]``.
+compressed-tensors does: full-range codes lie in ``[0, 2^n - 1]``, restricted-range ones in ``[1, 2^n - 1]``.
 """
 
 from __future__ import annotations

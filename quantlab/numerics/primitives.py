@@ -17,10 +17,11 @@ Example (INT4 symmetric per-tensor on four values)::
 
     >>> fmt = QuantFormat.parse("int4-per-tensor")
     >>> fake_quantize(torch.tensor([0.0, 0.5, -1.0, 0.7]), fmt)
-    tensor([ 0.0000,  0.5713, -0.9998,  0.7141])
+    tensor([ 0.0000,  0.5332, -1.0664,  0.6665])
 
-absmax = 1.0 and qmax = 7 give s = 1/7, stored as fp16 0.14282; 0.5 / s = 3.5009 rounds to 4,
-so 0.5 comes back as 4s = 0.5713, and -1.0 as -7s = -0.9998 (the fp16 rounding of the scale).
+absmax = 1.0 over (qmax - qmin) / 2 = 7.5 gives s = 0.13333, stored as fp16 0.13330; 0.5 / s = 3.75
+rounds to 4, so 0.5 comes back as 4s = 0.5332, and -1.0 / s = -7.502 as -8s = -1.0664 (the full
+range's 16th level); 0.7 / s = 5.25 gives 5s = 0.6665.
 
 Idempotence: re-quantizing a dequantized tensor with the same qparams returns the same codes for
 every format; with freshly chosen min-max qparams it does too for symmetric formats. Asymmetric
@@ -144,9 +145,10 @@ def _qparams_from_range(
 
 
 def _grid_max(fmt: QuantFormat) -> float:
-    """The largest code magnitude: qmax for ints, the largest finite float8, 1 for NF4."""
+    """What absmax maps to: (qmax - qmin) / 2 for symmetric ints (7.5 at INT4 full range, as
+    compressed-tensors), the largest finite float8, 1 for NF4."""
     if fmt.kind == "int":
-        return float(fmt.qmax)
+        return fmt.symmetric_divisor
     if fmt.kind == "nf4":
         return 1.0
     return float(torch.finfo(FP8_DTYPES[fmt.kind]).max)

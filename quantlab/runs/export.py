@@ -21,10 +21,13 @@ codes, so they are converted here and packed directly, which keeps the file bit-
 hand: that conversion, the choice of tensors to save, sharding and the folder handling.
 
 Integer conventions: compressed-tensors stores codes and zero-points as signed ``b``-bit integers
-in [-2^(b-1), 2^(b-1)-1] and dequantizes ``(q - z) * s``. QuantLab's symmetric codes lie in the
-restricted range [-(2^(b-1)-1), 2^(b-1)-1], inside that one, and are stored unchanged; its
-asymmetric codes and zero-points lie in [0, 2^b-1] and are both shifted by -2^(b-1), which leaves
-``q - z`` and so every dequantized value exactly as it was.
+in [-2^(b-1), 2^(b-1)-1] and dequantizes ``(q - z) * s``. QuantLab's symmetric codes use that same
+full range by default (and its scale rule, absmax / 7.5 at INT4), or the restricted range
+[-(2^(b-1)-1), 2^(b-1)-1] inside it; both are stored unchanged. Its asymmetric codes and
+zero-points lie in [0, 2^b-1] and are both shifted by -2^(b-1), which leaves ``q - z`` and so
+every dequantized value exactly as it was. ``quantization_config.quantlab`` says which range and
+scale rule made the codes (compressed-tensors ignores the key); ``read_compressed`` reads an
+export back into QuantLab's ``Quantized`` codes and scales, bit for bit.
 
 Known limit of the loaders (not of the file): transformers 5 with compressed-tensors 0.20 expects
 unpacked zero-points when it builds the model, so asymmetric checkpoints load with the library's
@@ -46,7 +49,8 @@ import torch
 from torch import nn
 
 from quantlab.errors import FormatError
-from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.formats import SCALE_DTYPES, Granularity, QuantFormat
+from quantlab.numerics.primitives import QParams, Quantized
 from quantlab.models.quantized import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -89,7 +93,7 @@ def export_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None,
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         weight_files = _write_weights(model, quantized, staging, max_shard_size)
-        _write_config(model, config, staging)
+        _write_config(model, config, staging, fmt)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if out.exists():
@@ -138,7 +142,7 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
 def _common_format(quantized: dict[str, QuantizedLinear]) -> QuantFormat:
     """The one weight format of the run: a single config group describes every layer."""
     def key(fmt: QuantFormat):
-        return fmt.n_bits, fmt.symmetric, fmt.granularity
+        return fmt.n_bits, fmt.symmetric, fmt.granularity, fmt.symmetric_range
 
     formats = {key(m.fmt): m.fmt for m in quantized.values()}
     if len(formats) > 1:
@@ -230,13 +234,82 @@ def _write_weights(model: nn.Module, quantized: dict[str, QuantizedLinear], fold
     return list(split.filename_to_tensors)
 
 
-def _write_config(model: nn.Module, config, folder: Path) -> None:
+def _write_config(model: nn.Module, config, folder: Path, fmt: QuantFormat) -> None:
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
 
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
     ModelCompressor(quantization_config=config).update_config(str(folder))
+    path = folder / "config.json"
+    document = json.loads(path.read_text())
+    document["quantization_config"]["quantlab"] = range_description(fmt)
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def range_description(fmt: QuantFormat) -> dict:
+    """What ``quantization_config.quantlab`` records: the format, its integer range and its scale rule."""
+    if fmt.symmetric:
+        rule = f"absmax / {fmt.symmetric_divisor:g}"
+    else:
+        rule = f"(max - min) / {fmt.qmax}, zero_point = round(-min / scale)"
+    return {"weight_format": fmt.name, "symmetric_range": fmt.symmetric_range if fmt.symmetric else None,
+            "codes": [fmt.qmin, fmt.qmax], "scale": rule, "scale_dtype": fmt.scale_dtype}
+
+
+def read_compressed(folder: str | Path) -> dict[str, Quantized]:
+    """A ``pack-quantized`` integer checkpoint's layers as QuantLab codes and scales, by linear name.
+
+    Codes come back in QuantLab's convention (symmetric int8 as stored, asymmetric shifted back to
+    [0, 2^b-1]), so an export made here gives back exactly the ``Quantized`` it was written from.
+    Checkpoints of other tools (no ``quantlab`` key) are read as the full range they use.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())["quantization_config"]
+        tensors = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{folder}: not a compressed-tensors checkpoint ({exc})") from None
+    layers = {}
+    for key in (k for k in tensors if k.endswith(".weight_packed")):
+        name = key.removesuffix(".weight_packed")
+        scale = tensors[f"{name}.weight_scale"]
+        fmt = _format_from_config(config, scale.dtype)
+        shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
+        codes = unpack_from_int32(tensors[key], fmt.n_bits, shape)  # int8 in [-2^(b-1), 2^(b-1)-1]
+        scale = scale.reshape(shape[0] if scale.numel() > 1 else 1, -1, 1)  # (rows, groups, 1)
+        zero_point = None
+        if not fmt.symmetric:
+            shift = 2 ** (fmt.n_bits - 1)
+            codes = (codes.to(torch.int16) + shift).to(torch.uint8)
+            stored = tensors[f"{name}.weight_zero_point"]
+            signed = stored if stored.numel() == 1 else unpack_from_int32(stored, fmt.n_bits, torch.Size(scale.shape[:2]), packed_dim=0)
+            zero_point = (signed.to(torch.int32) + shift).reshape(scale.shape)
+        clip_ratio = torch.full(scale.shape, float("nan"))  # not stored: the range search's choice is unknown
+        layers[name] = Quantized(codes, QParams(scale, zero_point, clip_ratio), fmt, torch.float32)
+    if not layers:
+        raise FormatError(f"{folder}: the checkpoint has no packed integer weights (*.weight_packed)")
+    return layers
+
+
+def _format_from_config(config: dict, scale_dtype: torch.dtype) -> QuantFormat:
+    """The QuantFormat a compressed-tensors config group describes (one group, integer weights)."""
+    groups = list(config.get("config_groups", {}).values())
+    weights = groups[0].get("weights") if len(groups) == 1 else None
+    if not weights or weights.get("type") != "int" or weights.get("actorder") == "group":
+        raise FormatError("only one config group of integer weights without a g_idx can be read; "
+                          "this checkpoint has " + (json.dumps(weights) if weights else f"{len(groups)} groups"))
+    strategy, group_size = weights["strategy"], weights.get("group_size")
+    granularity = Granularity("group", group_size) if strategy == "group" else Granularity(strategy)
+    dtype_name = {v: k for k, v in SCALE_DTYPES.items()}.get(scale_dtype)
+    if dtype_name is None:
+        raise FormatError(f"scales stored as {scale_dtype} are not supported; use fp16, bf16 or fp32 scales")
+    symmetric_range = (config.get("quantlab") or {}).get("symmetric_range") or "full"
+    return QuantFormat(kind="int", n_bits=weights["num_bits"], symmetric=weights["symmetric"], granularity=granularity,
+                       scale_dtype=dtype_name, symmetric_range=symmetric_range if weights["symmetric"] else "full")
 
 
 # --- run data: per-layer results and calibration statistics, reopenable without recomputing ------

@@ -129,3 +129,9 @@ def cached_quantized(model_key: str, config_name: str, settings: RunSettings, lo
     """(quantized model, RunResult), kept for generation and export on the Compare page; shared read-only."""
     return result_store("quantized models", 4).get(
         (model_key, config_name, settings), lambda: _quantize(model_key, config_name, settings, loaded, progress))
+
+
+if __name__ == "__main__":  # only Streamlit's legacy pages/ mode runs this module as a page: see pages/navigation.py
+    from pages.navigation import route
+
+    route()

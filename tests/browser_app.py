@@ -26,6 +26,12 @@ PAGES = (
 )
 EXTRA_ARGS: list[str] = []
 SETTLED = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+# The router (pages/navigation.py) draws the navigation as page links at the top of the sidebar.
+NAV_LINK = '[data-testid="stSidebar"] [data-testid="stPageLink-NavLink"]'
+# (URL path, the page's title): every page's shared link, "/home" included.
+URLS = (("", "QuantLab"), ("home", "QuantLab"), ("model", "Model"), ("playground", "Playground"),
+        ("weights", "Weights"), ("outliers", "Outliers"), ("clipping", "Clipping"), ("size", "Size & scale overhead"),
+        ("quality", "Quality vs bits"), ("compare", "Compare"))
 EXCEPTION = '[data-testid="stException"]'
 
 
@@ -86,7 +92,7 @@ def wait_settled(page, title: str, timeout_ms: float = 180_000) -> None:
 
 def switch_page(page, label: str, title: str, timeout_ms: float = 180_000) -> float:
     """Click ``label`` in the sidebar navigation; seconds until the new page has settled."""
-    link = page.locator('[data-testid="stSidebarNavLink"]', has_text=label).first
+    link = page.locator(NAV_LINK, has_text=label).first
     start = time.perf_counter()
     link.click()
     wait_settled(page, title, timeout_ms)

@@ -236,7 +236,8 @@ def test_compare_page_puts_configurations_side_by_side():
     small_settings(at, "c")
     at.button(key="c_run").click().run()
     assert not at.exception
-    at.slider(key="c_tokens").set_value(8).run()
+    at.slider(key="c_tokens").set_value(8)
+    at.toggle(key="c_generate").set_value(True).run()
     assert not at.exception
     summary = at.dataframe[0].value
     assert list(summary["config"]) == ["fp", "rtn-int8-per-channel", "rtn-int4-g128"]

@@ -135,14 +135,43 @@ def test_figures_are_built_from_analysis_tables():
     assert {trace.name for trace in figure.data} >= {"total MSE", "minimum"}
 
 
-def test_tradeoff_figure_names_the_front_and_every_point_on_hover():
-    table = pd.DataFrame({"config": ["fp", "int8", "int4-a", "int4-b"], "method": ["fp", "rtn", "rtn", "gptq"],
-                          "bits_per_weight": [32.0, 8.0, 4.1, 4.1], "perplexity": [10.0, 10.1, 12.0, 11.0]})
+def test_tradeoff_figure_names_every_point_without_overlap():
+    table = pd.DataFrame({"config": ["fp", "int8", "rtn-int4-g64", "rtn-int4-g128", "gptq-int4-g128"],
+                          "method": ["fp", "rtn", "rtn", "rtn", "gptq"],
+                          "bits_per_weight": [16.0, 8.0, 4.25, 4.125, 4.125],
+                          "perplexity": [10.0, 10.1, 11.0, 12.0, 11.5], "perplexity_se": [0.3] * 5})
     table["pareto"] = runs.pareto_front(table, "bits_per_weight", "perplexity")
-    figure = plots.tradeoff_figure(table, "bits_per_weight", "perplexity", "t")
-    points = [trace for trace in figure.data if trace.name != "Pareto front"]
-    labels = {name: text for trace in points for name, text in zip(trace.customdata, trace.text)}
-    assert labels == {"fp": "fp", "int8": "int8", "int4-a": "", "int4-b": "int4-b"}  # int4-a is dominated
-    assert figure.layout.xaxis.type == "log"
+    figure = plots.tradeoff_figure(table, "bits_per_weight", "perplexity", "t", error="perplexity_se",
+                                   highlight="rtn-int4-g64")
+    points = [trace for trace in figure.data if trace.customdata is not None]
+    assert [trace.name for trace in points] == list(table["config"])  # one legend entry per configuration
+    rtn = [trace.marker for trace in points if trace.legendgroup == "rtn"]
+    assert len({m.color for m in rtn}) == 1 and len({m.symbol for m in rtn}) == 3  # g64 and g128 told apart
+    assert len({trace.marker.color for trace in points}) == 3  # fp, rtn, gptq
+    assert all(list(trace.error_y.array) == [0.3] for trace in points)
+    assert any(trace.name == "recommended: rtn-int4-g64" for trace in figure.data)
+    assert figure.layout.xaxis.type == "log" and figure.layout.xaxis.title.text == "bits per weight"
     front = next(trace for trace in figure.data if trace.name == "Pareto front")
-    assert list(front.x) == [4.1, 8.0, 32.0]
+    assert list(front.x) == [4.125, 4.25, 8.0, 16.0]
+    assert {a.text for a in figure.layout.annotations} <= set(table["config"])
+    assert {"fp", "int8"} <= {a.text for a in figure.layout.annotations}
+
+
+def test_labels_are_placed_where_they_overlap_nothing():
+    xs, ys = [4.125, 4.125, 4.125, 4.25, 8.0], [12.0, 12.05, 11.95, 11.0, 10.1]
+    texts = ["rtn-int4-g128", "gptq-int4-g128", "awq-int4-g128", "rtn-int4-g64", "rtn-int8"]
+    offsets = plots.place_labels(xs, ys, texts)
+    px = plots._to_pixels(np.array(xs), True, plots.PLOT_PX[0])
+    py = plots._to_pixels(np.array(ys), False, plots.PLOT_PX[1])
+    boxes = [(x + o[0] - (plots.CHAR_PX * len(t) + 4) / 2, y + o[1] - plots.LINE_PX / 2,
+              x + o[0] + (plots.CHAR_PX * len(t) + 4) / 2, y + o[1] + plots.LINE_PX / 2)
+             for x, y, t, o in zip(px, py, texts, offsets) if o is not None]
+    assert len(boxes) >= 4  # three points nearly on top of each other still get most of their names
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_log_size_ticks_read_as_plain_numbers():
+    ticks = plots._log_ticks(pd.Series([5.3, 7.3, 17.0]))
+    assert ticks == [5.0, 10.0, 20.0]

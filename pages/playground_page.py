@@ -12,9 +12,9 @@ DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
 
 
 @cached_view(max_entries=128)
-def _quantized(values: tuple, fmt_repr: str, _fmt) -> tuple:
-    result = tensors.quantize_vector(values, _fmt)
-    return result, plots.vector_figure(result)
+def _quantized(values: tuple, fmt_repr: str, grid_group: int, _fmt) -> tuple:
+    result = tensors.quantize_vector(values, _fmt, grid_group)
+    return result, plots.vector_figure(result), tensors.scale_steps(values, _fmt, grid_group)
 
 
 st.title("Playground")
@@ -47,7 +47,7 @@ with source:
                             key=f"pg_editor_{state['pg_version']}", width="stretch")
     values = [float(v) for v in edited["value"].dropna()]
     add, reset = st.columns(2)
-    if add.button("Add an outlier (10 x the largest value)", key="pg_outlier", width="stretch"):
+    if add.button("Add an outlier (appends 10 x the largest value)", key="pg_outlier", width="stretch"):
         with user_errors():
             _replace_values(tensors.with_outlier(values))
         st.rerun()
@@ -64,30 +64,48 @@ with controls:
                          disabled=not sizes) == "groups"
     group_size = st.selectbox("Group size", sizes or [len(values)], key="pg_group", disabled=not per_group)
     explain("group size")
+    scale_dtype = st.radio("Scale stored as", ("fp16", "fp32"), horizontal=True, key="pg_scale_dtype",
+                           help="Real checkpoints store scales in fp16, which rounds them to ~3 significant "
+                                "digits; fp32 removes that rounding.")
 
 with user_errors():
     gran = Granularity("group", group_size) if per_group and sizes else Granularity("tensor")
-    fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran)
-    result, figure = _quantized(tuple(values), repr(fmt), fmt)
+    fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran, scale_dtype=scale_dtype)
+    n_groups = len(values) // group_size if per_group and sizes else 1
+    shown_group = 0
+    if n_groups > 1:
+        largest = tensors.largest_group(values, fmt)
+        choice = controls.selectbox("Chart and formulas for", ["the group with the largest |x|",
+                                                               *[f"group {g}" for g in range(n_groups)]],
+                                    key="pg_grid_group")
+        shown_group = largest if choice.startswith("the group") else int(choice.split()[1])
+    result, figure, steps = _quantized(tuple(values), repr(fmt), shown_group, fmt)
 
-first = result.groups.iloc[0]
-st.subheader("The formulas, with your numbers")
+shown = result.groups.iloc[steps.group]
+where = f" (group {steps.group})" if n_groups > 1 else ""
+st.subheader("The formulas, with your numbers" + where)
 if symmetric:
-    st.latex(r"s = \frac{\max |x|}{2^{b-1}-1} \qquad q = \mathrm{clamp}\left(\mathrm{round}\left(\frac{x}{s}\right),"
-             r" -(2^{b-1}-1),\ 2^{b-1}-1\right) \qquad \hat{x} = s \cdot q")
-    st.latex(rf"s = \frac{{{first['highest']:.4g}}}{{{fmt.qmax}}} = {first['scale']:.5g}"
+    st.latex(r"s = \frac{\max |x|}{q_{max}} \qquad q = \mathrm{clamp}\left(\mathrm{round}\left(\frac{x}{s}\right),"
+             r" q_{min},\ q_{max}\right) \qquad \hat{x} = s \cdot q")
+    st.latex(rf"s = \frac{{{steps.high:.4g}}}{{{steps.levels}}} = {steps.stored_scale:.5g}"
              rf"\qquad q \in [{fmt.qmin}, {fmt.qmax}]")
 else:
     st.latex(r"s = \frac{\max x - \min x}{2^{b}-1} \qquad z = \mathrm{round}\left(-\frac{\min x}{s}\right) \qquad "
              r"q = \mathrm{clamp}\left(\mathrm{round}\left(\frac{x}{s}\right) + z,\ 0,\ 2^{b}-1\right) \qquad "
              r"\hat{x} = s\,(q - z)")
-    st.latex(rf"s = {first['scale']:.5g} \qquad z = {int(first['zero_point'])} \qquad q \in [{fmt.qmin}, {fmt.qmax}]")
-st.caption(f"**Scale**: {GLOSSARY['scale']} With {len(result.groups)} scale(s), the first group's grid spans "
-           f"[{first['lowest']:.4g}, {first['highest']:.4g}].")
+    st.latex(rf"s = \frac{{{steps.high:.4g} - ({steps.low:.4g})}}{{{steps.levels}}} = {steps.stored_scale:.5g} \qquad "
+             rf"z = \mathrm{{round}}\left(\frac{{{-steps.low:.4g}}}{{{steps.stored_scale:.5g}}}\right) = "
+             rf"{steps.zero_point} \qquad q \in [{fmt.qmin}, {fmt.qmax}]")
+if steps.rounded:
+    st.caption(f"The exact division gives {steps.exact_scale:.7g}; the scale is stored in {scale_dtype}, which keeps "
+               f"about 3 significant digits, so {steps.stored_scale:.5g} ({scale_dtype} of {steps.exact_scale:.7g}) "
+               "is what every code is computed with. Store it as fp32 (right) to remove that rounding.")
+st.caption(f"**Scale**: {GLOSSARY['scale']} With {len(result.groups)} scale(s); this group's grid spans "
+           f"[{shown['lowest']:.4g}, {shown['highest']:.4g}].")
 
 metrics = st.columns(4)
-metrics[0].metric("Scale (first group)", f"{first['scale']:.4g}")
-metrics[1].metric("Zero-point", int(first["zero_point"]) if not symmetric else "none")
+metrics[0].metric("Scale" + where, f"{shown['scale']:.4g}")
+metrics[1].metric("Zero-point", int(shown["zero_point"]) if not symmetric else "none")
 metrics[2].metric("Mean squared error", f"{result.report.mse:.3g}")
 metrics[3].metric("Values clipped", int(result.table["clipped"].sum()))
 st.plotly_chart(figure, key="pg_chart")

@@ -10,7 +10,7 @@ import torch
 from quantlab.analysis import plots
 from quantlab.analysis import outliers, runs, sizes, tensors
 from quantlab.errors import FormatError
-from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.formats import Granularity, QuantFormat
 
 
 def test_quantize_vector_matches_the_hand_computation():
@@ -29,11 +29,28 @@ def test_asymmetric_groups_get_their_own_zero_points():
     assert (result.table["dequantized"] - result.table["value"]).abs().max() <= result.table["scale"].max() / 2 + 1e-6
 
 
-def test_with_outlier_keeps_the_length_and_multiplies_the_peak():
+def test_with_outlier_appends_ten_times_the_peak():
     values = tensors.with_outlier([0.5, -2.0, 1.0, 0.25])
-    assert len(values) == 4 and values[2] == 20.0
+    assert values == [0.5, -2.0, 1.0, 0.25, 20.0]  # nothing the user typed is overwritten
     with pytest.raises(FormatError):
         tensors.with_outlier([])
+
+
+def test_scale_steps_put_the_numbers_into_both_formulas():
+    values = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
+    sym = tensors.scale_steps(values, QuantFormat(n_bits=4))
+    assert sym.high == pytest.approx(1.2) and sym.levels == 7 and sym.exact_scale == pytest.approx(1.2 / 7)
+    assert sym.stored_scale == float(torch.tensor(1.2 / 7).half()) and sym.rounded  # fp16 of 0.171428...
+    exact = tensors.scale_steps(values, QuantFormat(n_bits=4, scale_dtype="fp32"))
+    assert exact.stored_scale == pytest.approx(1.2 / 7, rel=1e-7) and not exact.rounded
+    asym = tensors.scale_steps(values, QuantFormat(n_bits=4, symmetric=False, scale_dtype="fp32"))
+    assert (asym.low, asym.high, asym.levels) == pytest.approx((-1.2, 0.91, 15))
+    assert asym.stored_scale == pytest.approx(2.11 / 15) and asym.zero_point == round(1.2 / (2.11 / 15))
+    grouped = QuantFormat(n_bits=4, granularity=Granularity("group", 4))
+    outlier = values[:7] + [12.0]  # the last of two groups of 4 holds it
+    assert tensors.largest_group(outlier, grouped) == 1
+    assert tensors.scale_steps(outlier, grouped, 1).high == 12.0
+    assert tensors.quantize_vector(outlier, grouped, 1).levels.max() == pytest.approx(12.0, rel=1e-3)
 
 
 def test_histogram_counts_every_finite_value():

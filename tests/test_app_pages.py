@@ -83,17 +83,28 @@ def test_playground_outlier_blows_up_the_scale():
     at = open_page("playground")
     before = metrics(at)
     # The example's largest |value| is 1.2: INT4 symmetric gives s = 1.2 / 7, stored in fp16.
-    assert before["Scale (first group)"] == f"{torch.tensor(1.2 / 7).half().item():.4g}"
+    fp16_scale = torch.tensor(1.2 / 7).half().item()
+    assert before["Scale"] == f"{fp16_scale:.4g}"
+    assert any(r"\frac{1.2}{7}" in latex.value for latex in at.latex)  # the numbers, in the formula
+    assert any("fp16 of 0.1714286" in caption.value for caption in at.caption)
     table = next(d.value for d in at.dataframe if "code" in d.value)
     assert len(table) == 8 and table["code"].between(-7, 7).all()
+    at.radio(key="pg_scale_dtype").set_value("fp32").run()
+    assert not any("fp16 of" in caption.value for caption in at.caption)
+    at.radio(key="pg_scale_dtype").set_value("fp16")
     at.button(key="pg_outlier").click().run()
     after = metrics(at)
-    assert float(after["Scale (first group)"]) > 9 * float(before["Scale (first group)"])
+    table = next(d.value for d in at.dataframe if "code" in d.value)
+    assert len(table) == 9 and table["value"].iloc[-1] == 12.0  # appended: the typed values are all kept
+    assert float(after["Scale"]) > 9 * float(before["Scale"])
     assert float(after["Mean squared error"]) > 10 * float(before["Mean squared error"])
     at.radio(key="pg_sym").set_value("asymmetric").run()
+    assert any(r"\mathrm{round}\left(\frac{1.2}" in latex.value for latex in at.latex)  # z with its numbers
     at.radio(key="pg_gran").set_value("groups").run()
     assert not at.exception
-    assert metrics(at)["Zero-point"] != "none"
+    grouped = metrics(at)
+    assert grouped["Zero-point"] != "none"
+    assert "Scale (group 2)" in grouped  # 9 values in groups of 3: the outlier's group is charted
     assert at.get("plotly_chart") and at.latex
 
 

@@ -59,7 +59,13 @@ def vector_figure(vq: VectorQuantization) -> go.Figure:
     if len(clipped):
         fig.add_trace(go.Scatter(x=clipped.index, y=clipped["value"], mode="markers", name="clipped",
                                  marker=dict(size=18, symbol="circle-open", color=PALETTE[4], line=dict(width=2))))
-    return _layout(fig, "Values and the grid of the first group", "value index", "value")
+    n_groups = int(table["group"].max()) + 1
+    title = "Values and their grid" if n_groups == 1 else f"Values and the grid of group {vq.grid_group}"
+    if n_groups > 1:  # shade the group whose grid is drawn: the other groups have grids of their own
+        members = table.index[table["group"] == vq.grid_group]
+        fig.add_vrect(x0=members.min() - 0.5, x1=members.max() + 0.5, fillcolor="#fff3bf", opacity=0.5,
+                      line_width=0, layer="below")
+    return _layout(fig, title, "value index", "value")
 
 
 def histogram_figure(hist: pd.DataFrame, title: str, x_title: str, levels: np.ndarray | None = None,

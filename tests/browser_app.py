@@ -97,3 +97,29 @@ def switch_page(page, label: str, title: str, timeout_ms: float = 180_000) -> fl
     link.click()
     wait_settled(page, title, timeout_ms)
     return time.perf_counter() - start
+
+
+# Resolves once the app's script has run and finished again (install before the action that triggers it).
+_ARM_RERUN = """() => { window.__quantlabSettled = new Promise(resolve => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    let ran = false;
+    new MutationObserver((_, observer) => {
+        const state = app.getAttribute('data-test-script-state');
+        if (state === 'running') ran = true;
+        else if (ran && state === 'notRunning') { observer.disconnect(); resolve(); }
+    }).observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+}); }"""
+
+
+def timed_interaction(page, action, timeout_ms: float = 120_000) -> float:
+    """Seconds from ``action()`` (a click, a key press) until the rerun it caused has finished and drawn."""
+    page.evaluate(_ARM_RERUN)
+    start = time.perf_counter()
+    action()
+    page.wait_for_function("() => window.__quantlabSettled.then(() => true)", timeout=timeout_ms)
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+                 .every(chart => chart.querySelector('.main-svg'))""",
+        timeout=timeout_ms,
+    )
+    return time.perf_counter() - start

@@ -47,7 +47,7 @@ with source:
                             key=f"pg_editor_{state['pg_version']}", width="stretch")
     values = [float(v) for v in edited["value"].dropna()]
     add, reset = st.columns(2)
-    if add.button("Add an outlier (appends 10 x the largest value)", key="pg_outlier", width="stretch"):
+    if add.button("Add an outlier (appends 10 × max |x|)", key="pg_outlier", width="stretch"):
         with user_errors():
             _replace_values(tensors.with_outlier(values))
         st.rerun()

@@ -172,9 +172,12 @@ METHOD_COLORS = {"fp": "#000000", "rtn": "#0072B2", "gptq": "#D55E00", "awq": "#
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "triangle-down", "pentagon", "hexagon", "star", "cross", "x")
 AXIS_TITLES = {"bits_per_weight": "bits per weight", "size_mib": "size (MiB)", "kl_divergence": "KL divergence (nats)",
                "perplexity": "perplexity", "fidelity": "fidelity (mean cosine)"}
-# Label placement works in pixels of a typical plot area (half the wide layout): a 11 px font is ~6.5 px a
-# character and 15 px a line. Candidate spots around a point, tried in order: above, below, right, left, corners.
-PLOT_PX = (520.0, 300.0)
+# Label placement works in pixels of the plot area, which tradeoff_figure fixes (a figure of fixed size, the
+# legend in a fixed right margin): a 11 px font is ~6.5 px a character and 15 px a line. Candidate spots around
+# a point, tried in order: above, below, right, left, corners.
+TRADEOFF_SIZE = (620, 460)  # figure width, height in px
+TRADEOFF_MARGIN = dict(l=70, r=250, t=50, b=60)  # the right margin holds the legend, one configuration a line
+PLOT_PX = (0.95 * (TRADEOFF_SIZE[0] - 70 - 250), 0.95 * (TRADEOFF_SIZE[1] - 50 - 60))  # 5 % to spare
 CHAR_PX, LINE_PX, MARKER_PX = 6.5, 15.0, 14.0
 LABEL_SPOTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1))
 
@@ -263,8 +266,11 @@ def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str 
     fig.update_yaxes(type="log" if log_y else "linear", tickformat=".4~g")
     fig.update_xaxes(type="log", tickvals=BIT_TICKS if x == "bits_per_weight" else _log_ticks(table[x]),
                      tickformat=".4~g")
-    fig = _layout(fig, title, axis_title(x), axis_title(y), height=460)
-    fig.update_layout(legend=dict(orientation="h", y=-0.22, font=dict(size=11)))
+    fig = _layout(fig, title, axis_title(x), axis_title(y), height=TRADEOFF_SIZE[1])
+    fig.update_layout(width=TRADEOFF_SIZE[0], margin=TRADEOFF_MARGIN,
+                      legend=dict(orientation="v", x=1.02, y=1, font=dict(size=11)))
+    fig.update_xaxes(automargin=False)
+    fig.update_yaxes(automargin=False)  # a margin that grows would shrink the area the labels were placed in
     return fig
 
 

@@ -343,3 +343,9 @@ def run_warnings(results) -> None:
 def explain(term: str) -> None:
     """A one-line definition of a workshop term, as a caption."""
     st.caption(f"**{term[0].upper() + term[1:]}**: {GLOSSARY[term]}")
+
+
+if __name__ == "__main__":  # only Streamlit's legacy pages/ mode runs this module as a page: see pages/navigation.py
+    from pages.navigation import route
+
+    route()

@@ -6,7 +6,8 @@ from pages.common import (
     cached_view, download_json, download_table, export_zip, progress_callback, require_model, results_key,
     run_warnings, user_errors,
 )
-from pages.runs import cached_quantized, cached_run, run_settings
+from pages.runs import cached_quantized_model, run_settings
+from pages.tradeoff import config_choices, run_configurations, show_answer, sidebar_format_name, with_baseline
 from quantlab.analysis import plots
 from quantlab.runs import records
 from quantlab.analysis import runs as run_tables
@@ -26,12 +27,30 @@ def _record(key: str, names: tuple, settings, _results, _loaded) -> dict:
     return records.build_record(_results, _loaded, kind="sweep").to_dict()
 
 
+def _models(key: str, names, settings, loaded) -> dict:
+    """The quantized models themselves (generation and export need them; the figures above do not)."""
+    bar = progress_callback()
+    models = {}
+    for index, name in enumerate(names):
+        def step(fraction, message, index=index):
+            bar((index + fraction) / len(names), f"[{index + 1}/{len(names)}] {message}")
+
+        models[name] = cached_quantized_model(key, name, settings, loaded, step)
+    bar(1.0, "models ready")
+    return models
+
+
 st.title("Compare")
-st.write("Up to three configurations of the same model, side by side, against full precision.")
+st.write("Up to three configurations of the same model, side by side, against the baseline.")
 loaded = require_model("Comparing configurations")
-names = st.multiselect("Configurations", sorted({*DEFAULT_SWEEP, *DEFAULT_CONFIGS} - {"fp"}), default=DEFAULT_CONFIGS,
-                       max_selections=3, accept_new_options=True, key="c_configs",
+sidebar_format = sidebar_format_name()
+choices = config_choices(sorted({*DEFAULT_SWEEP, *DEFAULT_CONFIGS} - {"fp"}), sidebar_format)
+names = st.multiselect("Configurations", choices, default=DEFAULT_CONFIGS, max_selections=3, accept_new_options=True,
+                       key="c_configs",
                        help="Type any name the CLI takes, e.g. gptq-int4-g64, awq-int3-g128, int4-g32-asym.")
+st.caption(f"This page compares the configurations named here, not the sidebar's format"
+           f"{f' (add it as `{sidebar_format}`)' if sidebar_format else ''}. Runs already made on Quality vs bits "
+           "with the same model and settings are reused, not recomputed.")
 settings = run_settings("c")
 key = results_key()
 if st.button("Compare", type="primary", key="c_run", disabled=not names):
@@ -41,32 +60,31 @@ if st.session_state.get("c_names", (None,))[0] != key:
     st.stop()
 
 _, names, settings = st.session_state["c_names"]
-bar = progress_callback()
-quantized = {}
 with user_errors():
-    baseline = cached_run(key, "fp", settings, loaded)
-    for index, name in enumerate(names):
-        def step(fraction, message, index=index):
-            bar((index + fraction) / len(names), f"[{index + 1}/{len(names)}] {message}")
-
-        quantized[name] = cached_quantized(key, name, settings, loaded, step)
-bar(1.0, "done")
-results = [baseline, *(result for _, result in quantized.values())]
-table = run_tables.runs_table(results)
+    results = run_configurations(with_baseline(names), settings, loaded)
 metric = run_tables.quality_metric(results)
 run_warnings(results)
+with user_errors():
+    table, recommendation = show_answer(results, "c")
 
 columns = st.columns(len(results))
 for column, row in zip(columns, table.itertuples()):
-    column.markdown(f"**{row.config}**")
-    column.metric("Size", f"{row.size_mib:.2f} MiB", f"{row.bits_per_weight:.3f} bits/weight", delta_color="off")
-    value = getattr(row, metric)
-    delta = value - table[metric].iloc[0]
-    column.metric(metric.capitalize(), f"{value:.4g}", f"{delta:+.4g}" if row.Index else None,
+    column.markdown(f"**{row.config}**" + (" (baseline)" if row.baseline else ""))
+    column.metric("Size", f"{row.size_mib:.2f} MiB", None if row.baseline else f"{-row.size_saved_pct:+.1f} %",
+                  delta_color="inverse")
+    column.caption(f"{row.bits_per_weight:.3f} bits/weight")
+    value, se = getattr(row, metric), getattr(row, f"{metric}_se")
+    shown = f"{value:.4g} ± {se:.2g}" if se == se else f"{value:.4g}"
+    change = None
+    if not row.baseline:
+        change = f"{row.delta_pct:+.2f} %" + (f" ± {row.delta_pct_se:.2f}" if row.delta_pct_se == row.delta_pct_se
+                                                else "")
+    column.metric(metric.capitalize(), shown, change,
                   delta_color="inverse" if run_tables.lower_is_better(metric) else "normal")
+    if row.within_noise:
+        column.caption("within noise: not distinguishable from the baseline at this many evaluation tokens")
     if row.kl_divergence is not None and row.kl_divergence == row.kl_divergence:
         column.metric("KL divergence", f"{row.kl_divergence:.4f}")
-st.dataframe(table, hide_index=True, width="stretch")
 download_table(table, "compare_summary")
 download_json(_record(key, names, settings, results, loaded), "compare_record", "Download the run record (JSON)")
 
@@ -81,12 +99,15 @@ if loaded.kind == "causal" and loaded.tokenizer is not None:
     st.subheader("Generations from the same prompt")
     prompt = st.text_area("Prompt", PROMPTS["causal"], key="c_prompt")
     n_tokens = st.slider("New tokens", 8, 128, 32, key="c_tokens")
-    models_by_name = {"fp": loaded.model, **{name: model for name, (model, _) in quantized.items()}}
-    for column, (name, model) in zip(st.columns(len(models_by_name)), models_by_name.items()):
+    if st.toggle("Generate from each configuration", key="c_generate",
+                 help="Quantizes each configuration again to hold its model (the figures above are reused runs)."):
         with user_errors():
-            text = _generate(key, name, settings, prompt, n_tokens, model, loaded.tokenizer)
-        column.markdown(f"**{name}** (greedy)")
-        column.code(prompt + text, language="python" if loaded.name.startswith("pystdlib") else None)
+            models_by_name = {"fp": loaded.model, **_models(key, names, settings, loaded)}
+        for column, (name, model) in zip(st.columns(len(models_by_name)), models_by_name.items()):
+            with user_errors():
+                text = _generate(key, name, settings, prompt, n_tokens, model, loaded.tokenizer)
+            column.markdown(f"**{name}** (greedy)")
+            column.code(prompt + text, language="python" if loaded.name.startswith("pystdlib") else None)
 
 st.subheader("Export")
 st.caption("A compressed-tensors pack-quantized checkpoint (the format vLLM and transformers load) of one "
@@ -94,8 +115,9 @@ st.caption("A compressed-tensors pack-quantized checkpoint (the format vLLM and 
 export_name = st.selectbox("Configuration to export", names, key="c_export")
 if st.button("Prepare the export", key="c_export_run"):
     with user_errors(), st.spinner("Packing…"):
-        st.session_state["c_zip"] = (export_name, export_zip(quantized[export_name][0], loaded.tokenizer, export_name))
-if "c_zip" in st.session_state and st.session_state["c_zip"][0] in quantized:
+        model = _models(key, [export_name], settings, loaded)[export_name]
+        st.session_state["c_zip"] = (export_name, export_zip(model, loaded.tokenizer, export_name))
+if "c_zip" in st.session_state and st.session_state["c_zip"][0] in names:
     name, data = st.session_state["c_zip"]
     st.download_button(f"Download {name} ({len(data) / 2**20:.1f} MiB zip)", data, f"quantlab-{name}.zip",
                        "application/zip", key="c_export_download")

@@ -12,9 +12,9 @@ DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
 
 
 @cached_view(max_entries=128)
-def _quantized(values: tuple, fmt_repr: str, _fmt) -> tuple:
-    result = tensors.quantize_vector(values, _fmt)
-    return result, plots.vector_figure(result)
+def _quantized(values: tuple, fmt_repr: str, grid_group: int, _fmt) -> tuple:
+    result = tensors.quantize_vector(values, _fmt, grid_group)
+    return result, plots.vector_figure(result), tensors.scale_steps(values, _fmt, grid_group)
 
 
 @cached_view(max_entries=64)
@@ -56,7 +56,7 @@ with source:
                             key=f"pg_editor_{state['pg_version']}", width="stretch")
     values = [float(v) for v in edited["value"].dropna()]
     add, reset = st.columns(2)
-    if add.button("Add an outlier (10 x the largest value)", key="pg_outlier", width="stretch"):
+    if add.button("Add an outlier (appends 10 × max |x|)", key="pg_outlier", width="stretch"):
         with user_errors():
             _replace_values(tensors.with_outlier(values))
         st.rerun()
@@ -77,37 +77,63 @@ with controls:
                          disabled=not sizes) == "groups"
     group_size = st.selectbox("Group size", sizes or [len(values)], key="pg_group", disabled=not per_group)
     explain("group size")
+    scale_dtype = st.radio("Scale stored as", ("fp16", "fp32"), horizontal=True, key="pg_scale_dtype",
+                           help="Real checkpoints store scales in fp16, which rounds them to ~3 significant "
+                                "digits; fp32 removes that rounding.")
 
 with user_errors():
     gran = Granularity("group", group_size) if per_group and sizes else Granularity("tensor")
-    fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran,
+    fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran, scale_dtype=scale_dtype,
                       symmetric_range=symmetric_range if symmetric else "full")
-    result, figure = _quantized(tuple(values), repr(fmt), fmt)
+    n_groups = len(values) // group_size if per_group and sizes else 1
+    shown_group = 0
+    if n_groups > 1:
+        largest = tensors.largest_group(values, fmt)
+        choice = controls.selectbox("Chart and formulas for", ["the group with the largest |x|",
+                                                               *[f"group {g}" for g in range(n_groups)]],
+                                    key="pg_grid_group")
+        shown_group = largest if choice.startswith("the group") else int(choice.split()[1])
+    result, figure, steps = _quantized(tuple(values), repr(fmt), shown_group, fmt)
 
-first = result.groups.iloc[0]
-st.subheader("The formulas, with your numbers")
+shown = result.groups.iloc[steps.group]
+where = f" (group {steps.group})" if n_groups > 1 else ""
+st.subheader("The formulas, with your numbers" + where)
 if symmetric:
     low = r"-(2^{b-1}-1)" if fmt.restricted else r"-2^{b-1}"
     divisor = r"2^{b-1}-1" if fmt.restricted else r"(2^{b}-1)/2"
     st.latex(rf"s = \frac{{\max |x|}}{{{divisor}}} \qquad q = \mathrm{{clamp}}\left(\mathrm{{round}}\left(\frac{{x}}{{s}}"
              rf"\right), {low},\ 2^{{b-1}}-1\right) \qquad \hat{{x}} = s \cdot q")
-    absmax = float(result.table[result.table["group"] == 0]["value"].abs().max())
-    st.latex(rf"s = \frac{{{absmax:.4g}}}{{{fmt.symmetric_divisor:g}}} = {first['scale']:.5g}"
+    st.latex(rf"s = \frac{{{steps.high:.4g}}}{{{steps.levels:g}}} = {steps.stored_scale:.5g}"
              rf"\qquad q \in [{fmt.qmin}, {fmt.qmax}]")
 else:
     st.latex(r"s = \frac{\max x - \min x}{2^{b}-1} \qquad z = \mathrm{round}\left(-\frac{\min x}{s}\right) \qquad "
              r"q = \mathrm{clamp}\left(\mathrm{round}\left(\frac{x}{s}\right) + z,\ 0,\ 2^{b}-1\right) \qquad "
              r"\hat{x} = s\,(q - z)")
-    st.latex(rf"s = {first['scale']:.5g} \qquad z = {int(first['zero_point'])} \qquad q \in [{fmt.qmin}, {fmt.qmax}]")
-st.caption(f"**Scale**: {GLOSSARY['scale']} With {len(result.groups)} scale(s), the first group's grid spans "
-           f"[{first['lowest']:.4g}, {first['highest']:.4g}].")
+    st.latex(rf"s = \frac{{{steps.high:.4g} - ({steps.low:.4g})}}{{{steps.levels}}} = {steps.stored_scale:.5g} \qquad "
+             rf"z = \mathrm{{round}}\left(\frac{{{-steps.low:.4g}}}{{{steps.stored_scale:.5g}}}\right) = "
+             rf"{steps.zero_point} \qquad q \in [{fmt.qmin}, {fmt.qmax}]")
+if steps.rounded:
+    st.caption(f"The exact division gives {steps.exact_scale:.7g}; the scale is stored in {scale_dtype}, which keeps "
+               f"about 3 significant digits, so {steps.stored_scale:.5g} ({scale_dtype} of {steps.exact_scale:.7g}) "
+               "is what every code is computed with. Store it as fp32 (right) to remove that rounding.")
+st.caption(f"**Scale**: {GLOSSARY['scale']} With {len(result.groups)} scale(s); this group's grid spans "
+           f"[{shown['lowest']:.4g}, {shown['highest']:.4g}].")
 
 metrics = st.columns(4)
-metrics[0].metric("Scale (first group)", f"{first['scale']:.4g}")
-metrics[1].metric("Zero-point", int(first["zero_point"]) if not symmetric else "none")
+metrics[0].metric("Scale" + where, f"{shown['scale']:.4g}")
+metrics[1].metric("Zero-point", int(shown["zero_point"]) if not symmetric else "none")
 metrics[2].metric("Mean squared error", f"{result.report.mse:.3g}")
 metrics[3].metric("Values clipped", int(result.table["clipped"].sum()))
 st.plotly_chart(figure, key="pg_chart")
+
+st.subheader("Every value, step by step")
+st.caption("scaled = x / s (+ z) before rounding; code = the stored integer; dequantized = what the model computes "
+           "with; error = dequantized - x.")
+st.dataframe(result.table, hide_index=True, width="stretch")
+download_table(result.table, "playground_values")
+st.caption("One row per group: its scale, zero-point and the range its grid covers.")
+st.dataframe(result.groups, hide_index=True, width="stretch")
+download_table(result.groups, "playground_groups")
 
 if symmetric:
     st.subheader("Full or restricted range: the extra level")
@@ -120,15 +146,6 @@ if symmetric:
     for column, (grid, range_figure) in zip(st.columns(2), range_figures.items()):
         column.plotly_chart(range_figure, key=f"pg_range_chart_{grid}")
     st.dataframe(summary, hide_index=True, width="stretch")
-
-st.subheader("Every value, step by step")
-st.caption("scaled = x / s (+ z) before rounding; code = the stored integer; dequantized = what the model computes "
-           "with; error = dequantized - x.")
-st.dataframe(result.table, hide_index=True, width="stretch")
-download_table(result.table, "playground_values")
-st.caption("One row per group: its scale, zero-point and the range its grid covers.")
-st.dataframe(result.groups, hide_index=True, width="stretch")
-download_table(result.groups, "playground_groups")
 
 with st.expander("Clipping and outliers"):
     st.write(GLOSSARY["outlier"].capitalize() + ". Press *Add an outlier*: the scale grows with the largest value, "

@@ -8,7 +8,10 @@ from pages.common import (
     cached_view, current_model, download_json, download_table, explain, progress_callback, results_key, run_warnings,
     user_errors,
 )
-from pages.runs import MAX_SWEEP_CONFIGS, cached_run, quality_session, result_store, run_settings
+from pages.runs import MAX_SWEEP_CONFIGS, quality_session, result_store, run_settings
+from pages.tradeoff import (
+    config_choices, run_configurations, show_answer, sidebar_format_name, tradeoff_charts, with_baseline,
+)
 from quantlab.analysis import plots
 from quantlab.runs import records
 from quantlab.analysis import runs as run_tables
@@ -60,43 +63,30 @@ loaded = current_model()
 with run_tab:
     if loaded is None:
         st.info("Running a sweep needs a model that runs; choose one in the sidebar, or open a sweep file.")
-    names = st.multiselect("Configurations", list(DEFAULT_SWEEP), default=list(DEFAULT_SWEEP)[:MAX_SWEEP_CONFIGS],
-                           max_selections=MAX_SWEEP_CONFIGS, key="q_configs",
-                           help="The CLI's default sweep. Names follow `python -m quantlab sweep --configs`.")
+    sidebar_format = sidebar_format_name()
+    names = st.multiselect("Configurations", config_choices(DEFAULT_SWEEP, sidebar_format),
+                           default=list(DEFAULT_SWEEP)[:MAX_SWEEP_CONFIGS], max_selections=MAX_SWEEP_CONFIGS,
+                           accept_new_options=True, key="q_configs",
+                           help="Type any name `python -m quantlab sweep --configs` takes, e.g. gptq-int4-g64, "
+                                "awq-int3-g128, int4-g32-asym, w8a8-smoothquant.")
+    st.caption(f"This page runs the configurations named here, not the sidebar's format"
+               f"{f' (add it as `{sidebar_format}`)' if sidebar_format else ''}. Full precision (fp) is always run: "
+               "it is the baseline every row is compared with.")
     settings = run_settings("q")
     if st.button("Run sweep", type="primary", key="q_run", disabled=not names or loaded is None):
-        bar = progress_callback()
-        results = []
         with user_errors():
-            for index, name in enumerate(names):
-                def step(fraction, message, index=index):
-                    bar((index + fraction) / len(names), f"[{index + 1}/{len(names)}] {message}")
-
-                results.append(cached_run(results_key(), name, settings, loaded, step))
-        bar(1.0, f"{len(names)} configurations done")
-        st.session_state["q_runs"] = (loaded.name, tuple(results))
+            st.session_state["q_runs"] = (loaded.name, run_configurations(with_baseline(names), settings, loaded))
 
 if "q_runs" not in st.session_state:
     st.info("Run a sweep or open a sweep file to see the trade-off.")
     st.stop()
 label, results = st.session_state["q_runs"]
-with user_errors():
-    table = run_tables.runs_table(results)
-metric = run_tables.quality_metric(results)
 st.subheader(f"Results: {label}")
 run_warnings(results)
-left, right = st.columns(2)
-left.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", metric, f"{metric} vs bits per weight"),
-                  key="q_bits")
-by_size = table.assign(pareto=run_tables.pareto_front(table, "size_mib", metric, run_tables.lower_is_better(metric)))
-right.plotly_chart(plots.tradeoff_figure(by_size, "size_mib", metric, f"{metric} vs model size (MiB)"), key="q_size")
-if table["kl_divergence"].notna().any():
-    st.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", "kl_divergence",
-                                          "KL divergence from full precision vs bits per weight", front=None),
-                    key="q_kl")
-    st.caption("KL divergence: how far the quantized model's next-token distribution moved from the full-precision "
-               "one, averaged over the evaluation tokens (0 = identical).")
-st.dataframe(table, hide_index=True, width="stretch")
+metric = run_tables.quality_metric(results)
+with user_errors():
+    table, recommendation = show_answer(results, "q")
+tradeoff_charts(table, metric, recommendation, "q")
 download_table(table, "quality_sweep")
 download_json([r.to_dict() for r in results], "quality_sweep_runs", "Download all runs (JSON)")
 

@@ -109,10 +109,16 @@ def quality_session(model_key: str, eval_tokens: int, _loaded: models.LoadedMode
     return QuantSession(_loaded, None, EvalConfig(ctx=min(SWEEP_EVAL_CTX, context), max_tokens=eval_tokens))
 
 
-def _quantize(model_key: str, config_name: str, settings: RunSettings, loaded, progress) -> tuple:
+def _quantize(model_key: str, config_name: str, settings: RunSettings, loaded, progress,
+              evaluate_quality: bool = True) -> tuple:
     config = parse_config_name(config_name, calib=settings.calib)
     session = quality_session(model_key, settings.eval_tokens, loaded)
-    return quantize_model(loaded, config, progress, session=session)
+    return quantize_model(loaded, config, progress, session=session, evaluate_quality=evaluate_quality)
+
+
+def _run_key(model_key: str, config_name: str, settings: RunSettings) -> tuple:
+    """One key per run whichever page asks and whatever alias was typed (int8 = rtn-int8-per-channel)."""
+    return model_key, parse_config_name(config_name).name, settings
 
 
 def cached_run(model_key: str, config_name: str, settings: RunSettings, loaded, progress=None) -> RunResult:
@@ -122,10 +128,20 @@ def cached_run(model_key: str, config_name: str, settings: RunSettings, loaded, 
         release_memory()  # the quantized copy is gone: hand its memory back
         return result
 
-    return result_store("runs", 64).get((model_key, config_name, settings), compute)
+    return result_store("runs", 64).get(_run_key(model_key, config_name, settings), compute)
 
 
-def cached_quantized(model_key: str, config_name: str, settings: RunSettings, loaded, progress=None) -> tuple:
-    """(quantized model, RunResult), kept for generation and export on the Compare page; shared read-only."""
+def cached_quantized_model(model_key: str, config_name: str, settings: RunSettings, loaded, progress=None):
+    """The quantized model itself, for generation and export on the Compare page; shared read-only.
+
+    Not evaluated again: the figures come from :func:`cached_run`, which Quality and Compare share.
+    """
     return result_store("quantized models", 4).get(
-        (model_key, config_name, settings), lambda: _quantize(model_key, config_name, settings, loaded, progress))
+        _run_key(model_key, config_name, settings),
+        lambda: _quantize(model_key, config_name, settings, loaded, progress, evaluate_quality=False)[0])
+
+
+if __name__ == "__main__":  # only Streamlit's legacy pages/ mode runs this module as a page: see pages/navigation.py
+    from pages.navigation import route
+
+    route()

@@ -300,9 +300,10 @@ class RunResult:
     layers: tuple[LayerResult, ...]
     bits_per_weight: float  # over the quantized linears, scales and zero-points included
     total_bytes: int  # the whole model as stored: quantized linears packed, the rest as is
-    seconds: float  # quantization wall time (evaluation excluded)
+    seconds: float  # quantization wall time (calibration-set building and evaluation excluded)
     quality: dict = field(default_factory=dict)  # perplexity / fidelity, kl, top1_agreement, ...
     searches: dict = field(default_factory=dict)  # AWQ/SmoothQuant search data, by layer or block
+    calibration_seconds: float = 0.0  # building the calibration set: once per set, shared by the runs that use it
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -320,6 +321,7 @@ class RunResult:
             "bits_per_weight": self.bits_per_weight,
             "total_bytes": self.total_bytes,
             "seconds": self.seconds,
+            "calibration_seconds": self.calibration_seconds,
             "quality": jsonable(self.quality),
             "layers": [layer.to_dict() for layer in self.layers],
             "searches": jsonable(self.searches),
@@ -332,6 +334,7 @@ class RunResult:
             layers=tuple(LayerResult(**layer) for layer in data.get("layers", [])),
             bits_per_weight=data["bits_per_weight"], total_bytes=data["total_bytes"], seconds=data["seconds"],
             quality=data.get("quality", {}), searches=data.get("searches", {}),
+            calibration_seconds=data.get("calibration_seconds", 0.0),
         )
 
 

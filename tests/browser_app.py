@@ -26,6 +26,12 @@ PAGES = (
 )
 EXTRA_ARGS: list[str] = []
 SETTLED = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+# The router (pages/navigation.py) draws the navigation as page links at the top of the sidebar.
+NAV_LINK = '[data-testid="stSidebar"] [data-testid="stPageLink-NavLink"]'
+# (URL path, the page's title): every page's shared link, "/home" included.
+URLS = (("", "QuantLab"), ("home", "QuantLab"), ("model", "Model"), ("playground", "Playground"),
+        ("weights", "Weights"), ("outliers", "Outliers"), ("clipping", "Clipping"), ("size", "Size & scale overhead"),
+        ("quality", "Quality vs bits"), ("compare", "Compare"))
 EXCEPTION = '[data-testid="stException"]'
 
 
@@ -86,8 +92,34 @@ def wait_settled(page, title: str, timeout_ms: float = 180_000) -> None:
 
 def switch_page(page, label: str, title: str, timeout_ms: float = 180_000) -> float:
     """Click ``label`` in the sidebar navigation; seconds until the new page has settled."""
-    link = page.locator('[data-testid="stSidebarNavLink"]', has_text=label).first
+    link = page.locator(NAV_LINK, has_text=label).first
     start = time.perf_counter()
     link.click()
     wait_settled(page, title, timeout_ms)
+    return time.perf_counter() - start
+
+
+# Resolves once the app's script has run and finished again (install before the action that triggers it).
+_ARM_RERUN = """() => { window.__quantlabSettled = new Promise(resolve => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    let ran = false;
+    new MutationObserver((_, observer) => {
+        const state = app.getAttribute('data-test-script-state');
+        if (state === 'running') ran = true;
+        else if (ran && state === 'notRunning') { observer.disconnect(); resolve(); }
+    }).observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+}); }"""
+
+
+def timed_interaction(page, action, timeout_ms: float = 120_000) -> float:
+    """Seconds from ``action()`` (a click, a key press) until the rerun it caused has finished and drawn."""
+    page.evaluate(_ARM_RERUN)
+    start = time.perf_counter()
+    action()
+    page.wait_for_function("() => window.__quantlabSettled.then(() => true)", timeout=timeout_ms)
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+                 .every(chart => chart.querySelector('.main-svg'))""",
+        timeout=timeout_ms,
+    )
     return time.perf_counter() - start

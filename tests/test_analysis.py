@@ -10,7 +10,7 @@ import torch
 from quantlab.analysis import plots
 from quantlab.analysis import outliers, runs, sizes, tensors
 from quantlab.errors import FormatError
-from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.formats import Granularity, QuantFormat
 
 
 def test_quantize_vector_matches_the_hand_computation():
@@ -46,11 +46,32 @@ def test_asymmetric_groups_get_their_own_zero_points():
     assert (result.table["dequantized"] - result.table["value"]).abs().max() <= result.table["scale"].max() / 2 + 1e-6
 
 
-def test_with_outlier_keeps_the_length_and_multiplies_the_peak():
+def test_with_outlier_appends_ten_times_the_peak():
     values = tensors.with_outlier([0.5, -2.0, 1.0, 0.25])
-    assert len(values) == 4 and values[2] == 20.0
+    assert values == [0.5, -2.0, 1.0, 0.25, 20.0]  # nothing the user typed is overwritten
     with pytest.raises(FormatError):
         tensors.with_outlier([])
+
+
+def test_scale_steps_put_the_numbers_into_both_formulas():
+    values = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
+    sym = tensors.scale_steps(values, QuantFormat(n_bits=4))
+    # full signed range (the default): s = max|x| / 7.5 at 4 bits, as compressed-tensors
+    assert sym.high == pytest.approx(1.2) and sym.levels == 7.5 and sym.exact_scale == pytest.approx(1.2 / 7.5)
+    assert sym.stored_scale == float(torch.tensor(1.2 / 7.5).half()) and sym.rounded  # fp16 of 0.16
+    restricted = tensors.scale_steps(values, QuantFormat(n_bits=4, symmetric_range="restricted"))
+    assert restricted.levels == 7 and restricted.exact_scale == pytest.approx(1.2 / 7)
+    exact = tensors.scale_steps(values, QuantFormat(n_bits=4, scale_dtype="fp32"))
+    assert exact.stored_scale == pytest.approx(1.2 / 7.5, rel=1e-7) and not exact.rounded
+    asym = tensors.scale_steps(values, QuantFormat(n_bits=4, symmetric=False, scale_dtype="fp32"))
+    assert (asym.low, asym.high, asym.levels) == pytest.approx((-1.2, 0.91, 15))
+    assert asym.stored_scale == pytest.approx(2.11 / 15) and asym.zero_point == round(1.2 / (2.11 / 15))
+    grouped = QuantFormat(n_bits=4, granularity=Granularity("group", 4))
+    outlier = values[:7] + [12.0]  # the last of two groups of 4 holds it
+    assert tensors.largest_group(outlier, grouped) == 1
+    assert tensors.scale_steps(outlier, grouped, 1).high == 12.0
+    grid = tensors.quantize_vector(outlier, grouped, 1).levels  # codes -8..7 times s = 12 / 7.5
+    assert (grid.min(), grid.max()) == pytest.approx((-8 * 12.0 / 7.5, 7 * 12.0 / 7.5), rel=1e-3)
 
 
 def test_histogram_counts_every_finite_value():
@@ -157,14 +178,43 @@ def test_figures_are_built_from_analysis_tables():
     assert {trace.name for trace in figure.data} >= {"total MSE", "minimum"}
 
 
-def test_tradeoff_figure_names_the_front_and_every_point_on_hover():
-    table = pd.DataFrame({"config": ["fp", "int8", "int4-a", "int4-b"], "method": ["fp", "rtn", "rtn", "gptq"],
-                          "bits_per_weight": [32.0, 8.0, 4.1, 4.1], "perplexity": [10.0, 10.1, 12.0, 11.0]})
+def test_tradeoff_figure_names_every_point_without_overlap():
+    table = pd.DataFrame({"config": ["fp", "int8", "rtn-int4-g64", "rtn-int4-g128", "gptq-int4-g128"],
+                          "method": ["fp", "rtn", "rtn", "rtn", "gptq"],
+                          "bits_per_weight": [16.0, 8.0, 4.25, 4.125, 4.125],
+                          "perplexity": [10.0, 10.1, 11.0, 12.0, 11.5], "perplexity_se": [0.3] * 5})
     table["pareto"] = runs.pareto_front(table, "bits_per_weight", "perplexity")
-    figure = plots.tradeoff_figure(table, "bits_per_weight", "perplexity", "t")
-    points = [trace for trace in figure.data if trace.name != "Pareto front"]
-    labels = {name: text for trace in points for name, text in zip(trace.customdata, trace.text)}
-    assert labels == {"fp": "fp", "int8": "int8", "int4-a": "", "int4-b": "int4-b"}  # int4-a is dominated
-    assert figure.layout.xaxis.type == "log"
+    figure = plots.tradeoff_figure(table, "bits_per_weight", "perplexity", "t", error="perplexity_se",
+                                   highlight="rtn-int4-g64")
+    points = [trace for trace in figure.data if trace.customdata is not None]
+    assert [trace.name for trace in points] == list(table["config"])  # one legend entry per configuration
+    rtn = [trace.marker for trace in points if trace.legendgroup == "rtn"]
+    assert len({m.color for m in rtn}) == 1 and len({m.symbol for m in rtn}) == 3  # g64 and g128 told apart
+    assert len({trace.marker.color for trace in points}) == 3  # fp, rtn, gptq
+    assert all(list(trace.error_y.array) == [0.3] for trace in points)
+    assert any(trace.name == "recommended: rtn-int4-g64" for trace in figure.data)
+    assert figure.layout.xaxis.type == "log" and figure.layout.xaxis.title.text == "bits per weight"
     front = next(trace for trace in figure.data if trace.name == "Pareto front")
-    assert list(front.x) == [4.1, 8.0, 32.0]
+    assert list(front.x) == [4.125, 4.25, 8.0, 16.0]
+    assert {a.text for a in figure.layout.annotations} <= set(table["config"])
+    assert {"fp", "int8"} <= {a.text for a in figure.layout.annotations}
+
+
+def test_labels_are_placed_where_they_overlap_nothing():
+    xs, ys = [4.125, 4.125, 4.125, 4.25, 8.0], [12.0, 12.05, 11.95, 11.0, 10.1]
+    texts = ["rtn-int4-g128", "gptq-int4-g128", "awq-int4-g128", "rtn-int4-g64", "rtn-int8"]
+    offsets = plots.place_labels(xs, ys, texts)
+    px = plots._to_pixels(np.array(xs), True, plots.PLOT_PX[0])
+    py = plots._to_pixels(np.array(ys), False, plots.PLOT_PX[1])
+    boxes = [(x + o[0] - (plots.CHAR_PX * len(t) + 4) / 2, y + o[1] - plots.LINE_PX / 2,
+              x + o[0] + (plots.CHAR_PX * len(t) + 4) / 2, y + o[1] + plots.LINE_PX / 2)
+             for x, y, t, o in zip(px, py, texts, offsets) if o is not None]
+    assert len(boxes) >= 4  # three points nearly on top of each other still get most of their names
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_log_size_ticks_read_as_plain_numbers():
+    ticks = plots._log_ticks(pd.Series([5.3, 7.3, 17.0]))
+    assert ticks == [5.0, 10.0, 20.0]

@@ -82,18 +82,29 @@ def test_model_page_on_the_encoder():
 def test_playground_outlier_blows_up_the_scale():
     at = open_page("playground")
     before = metrics(at)
-    # The example's largest |value| is 1.2: INT4 symmetric (full range) gives s = 1.2 / 7.5, stored in fp16.
-    assert before["Scale (first group)"] == f"{torch.tensor(1.2 / 7.5).half().item():.4g}"
+    # The example's largest |value| is 1.2: INT4 symmetric (full range) gives s = 1.2 / 7.5, in fp16.
+    fp16_scale = torch.tensor(1.2 / 7.5).half().item()
+    assert before["Scale"] == f"{fp16_scale:.4g}"
+    assert any(r"\frac{1.2}{7.5}" in latex.value for latex in at.latex)  # the numbers, in the formula
+    assert any("fp16 of 0.16" in caption.value for caption in at.caption)
     table = next(d.value for d in at.dataframe if "code" in d.value)
     assert len(table) == 8 and table["code"].between(-8, 7).all()
+    at.radio(key="pg_scale_dtype").set_value("fp32").run()
+    assert not any("fp16 of" in caption.value for caption in at.caption)
+    at.radio(key="pg_scale_dtype").set_value("fp16")
     at.button(key="pg_outlier").click().run()
     after = metrics(at)
-    assert float(after["Scale (first group)"]) > 9 * float(before["Scale (first group)"])
+    table = next(d.value for d in at.dataframe if "code" in d.value)
+    assert len(table) == 9 and table["value"].iloc[-1] == 12.0  # appended: the typed values are all kept
+    assert float(after["Scale"]) > 9 * float(before["Scale"])
     assert float(after["Mean squared error"]) > 10 * float(before["Mean squared error"])
     at.radio(key="pg_sym").set_value("asymmetric").run()
+    assert any(r"\mathrm{round}\left(\frac{1.2}" in latex.value for latex in at.latex)  # z with its numbers
     at.radio(key="pg_gran").set_value("groups").run()
     assert not at.exception
-    assert metrics(at)["Zero-point"] != "none"
+    grouped = metrics(at)
+    assert grouped["Zero-point"] != "none"
+    assert "Scale (group 2)" in grouped  # 9 values in groups of 3: the outlier's group is charted
     assert at.get("plotly_chart") and at.latex
 
 
@@ -110,7 +121,7 @@ def test_playground_shows_the_full_and_restricted_grids_side_by_side():
     assert range_table(at)["values clipped"].tolist() == [1, 0]
     at.radio(key="pg_range").set_value("restricted").run()
     assert not at.exception
-    assert metrics(at)["Scale (first group)"] == f"{range_table(at)['scale (first group)'].iloc[1]:.4g}"
+    assert metrics(at)["Scale"] == f"{range_table(at)['scale (first group)'].iloc[1]:.4g}"
     assert metrics(at)["Values clipped"] == "0"
     assert any("{7}" in latex.value for latex in at.latex)  # s = max|x| / 7 in the formula
 
@@ -139,7 +150,9 @@ def test_clipping_page_finds_a_minimum():
     assert len(methods) == 3
     mse_row = methods[methods["range_method"] == "mse"].iloc[0]
     minmax_row = methods[methods["range_method"] == "minmax"].iloc[0]
-    assert mse_row["mse"] <= minmax_row["mse"] and minmax_row["clipped_fraction"] == 0
+    assert mse_row["mse"] <= minmax_row["mse"]
+    # min-max on the full signed grid clips only what lies within the half step above +qmax (absmax -> +7.5 steps)
+    assert 0 <= minmax_row["clipped_fraction"] < 0.01
     at.radio(key="c_scope").set_value("one block").run()
     assert not at.exception and len(at.get("plotly_chart")) == 2
 
@@ -259,7 +272,8 @@ def test_compare_page_puts_configurations_side_by_side():
     small_settings(at, "c")
     at.button(key="c_run").click().run()
     assert not at.exception
-    at.slider(key="c_tokens").set_value(8).run()
+    at.slider(key="c_tokens").set_value(8)
+    at.toggle(key="c_generate").set_value(True).run()
     assert not at.exception
     summary = at.dataframe[0].value
     assert list(summary["config"]) == ["fp", "rtn-int8-per-channel", "rtn-int4-g128"]

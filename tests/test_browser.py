@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_app import CHROMIUM, EXCEPTION, PAGES, launch, streamlit_server, switch_page, wait_settled
+from tests.browser_app import (
+    CHROMIUM, EXCEPTION, NAV_LINK, PAGES, URLS, launch, streamlit_server, switch_page, wait_settled,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -59,9 +61,58 @@ def test_every_page_renders_without_an_exception(app_url, screenshots):
         assert page.locator('[data-testid="stPlotlyChart"]').count() == 3
         assert page.locator(EXCEPTION).count() == 0
         page.screenshot(path=str(screenshots / "quality-vs-bits-shipped-sweep.png"), full_page=True)
-        page.locator('[data-testid="stSidebarNavLink"]', has_text="Playground").first.click()
+        page.locator(NAV_LINK, has_text="Playground").first.click()
         wait_settled(page, "Playground")
         page.get_by_role("button", name="Add an outlier").click()
         page.wait_for_selector('[data-testid="stMetricValue"] >> text=1.714', timeout=60_000)
         assert page.locator(EXCEPTION).count() == 0
+        browser.close()
+
+
+RAW_PAGE_NAMES = sorted({path.stem.replace("_", " ") for path in Path("pages").glob("*.py")} | {"app"})
+WATCH_SIDEBAR = """() => ({
+    links: [...document.querySelectorAll('[data-testid="stSidebar"] a')].map(a => a.innerText.split('\\n').pop()),
+    dialogs: [...document.querySelectorAll('[role="dialog"]')].map(d => d.innerText.slice(0, 80)),
+    title: (document.querySelector('h1') || {}).innerText || null,
+})"""
+
+
+def _watch_first_visit(page, title: str, timeout_s: float = 180.0) -> list[dict]:
+    """Snapshots of the sidebar links, open dialogs and page title every 100 ms until ``title`` shows."""
+    import time
+
+    snapshots, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        snapshots.append(page.evaluate(WATCH_SIDEBAR))
+        if snapshots[-1]["title"] == title:
+            return snapshots
+        page.wait_for_timeout(100)
+    raise AssertionError(f"{title} did not open within {timeout_s:.0f} s; last view {snapshots[-1]}")
+
+
+def test_fresh_server_first_visit_and_every_shared_link():
+    """A room opens a shared link on a server nobody has visited yet (Streamlit's legacy pages/ mode run)."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing; install Debian's chromium (make browser-deps) to run the browser test")
+    titles = [title for _, title in PAGES]
+    with streamlit_server() as url, sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(f"{url}/quality")
+        snapshots = _watch_first_visit(page, "Quality vs bits")
+        for snapshot in snapshots:
+            assert not snapshot["dialogs"], f"dialog on the first visit: {snapshot['dialogs']}"
+            assert not set(snapshot["links"]) & set(RAW_PAGE_NAMES), f"raw file names in the sidebar: {snapshot}"
+            assert snapshot["links"] in ([], titles), f"unexpected navigation: {snapshot['links']}"
+        wait_settled(page, "Quality vs bits")
+        assert page.locator(NAV_LINK).all_inner_texts()[-1].endswith("Compare")
+        assert page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').count() >= 2  # the sidebar
+        for path, title in URLS:
+            page.goto(f"{url}/{path}")
+            wait_settled(page, title)
+            assert page.locator('[role="dialog"]').count() == 0, f"dialog on /{path}"
+            assert page.locator("h1").first.inner_text() == title
+            assert page.locator(EXCEPTION).count() == 0
         browser.close()

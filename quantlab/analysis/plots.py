@@ -20,10 +20,13 @@ MAX_LEVEL_LINES = 64  # above this many grid levels (INT8, FP8) draw ticks, not 
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 360) -> go.Figure:
+    """Shared look, readable on a projector: 14 px text, plain numbers (no "800μ" or "10k" SI suffixes)."""
     fig.update_layout(
         title=title, xaxis_title=x, yaxis_title=y, height=height, template="plotly_white",
-        margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.2),
+        margin=dict(l=70, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.2), font=dict(size=14),
     )
+    fig.update_xaxes(exponentformat="power", automargin=True)
+    fig.update_yaxes(exponentformat="power", automargin=True)
     return fig
 
 
@@ -36,7 +39,7 @@ def _vertical_lines(xs: Sequence[float], y_top: float) -> tuple[list, list]:
     return px, py
 
 
-def vector_figure(vq: VectorQuantization, title: str = "Values and the grid of the first group") -> go.Figure:
+def vector_figure(vq: VectorQuantization, title: str | None = None) -> go.Figure:
     """Each value and where it lands on the grid; clipped values ringed in red, grid levels as grey lines."""
     table = vq.table
     lo, hi = float(min(table["value"].min(), vq.levels.min())), float(max(table["value"].max(), vq.levels.max()))
@@ -59,6 +62,13 @@ def vector_figure(vq: VectorQuantization, title: str = "Values and the grid of t
     if len(clipped):
         fig.add_trace(go.Scatter(x=clipped.index, y=clipped["value"], mode="markers", name="clipped",
                                  marker=dict(size=18, symbol="circle-open", color=PALETTE[4], line=dict(width=2))))
+    n_groups = int(table["group"].max()) + 1
+    if title is None:
+        title = "Values and their grid" if n_groups == 1 else f"Values and the grid of group {vq.grid_group}"
+    if n_groups > 1:  # shade the group whose grid is drawn: the other groups have grids of their own
+        members = table.index[table["group"] == vq.grid_group]
+        fig.add_vrect(x0=members.min() - 0.5, x1=members.max() + 0.5, fillcolor="#fff3bf", opacity=0.5,
+                      line_width=0, layer="below")
     return _layout(fig, title, "value index", "value")
 
 
@@ -97,7 +107,9 @@ def clipping_figure(sweep: pd.DataFrame, best: pd.Series) -> go.Figure:
     fig.add_trace(go.Scatter(x=[best["clip_ratio"]], y=[best["mse"]], mode="markers+text", name="minimum",
                              text=[f"min at {best['clip_ratio']:.2f}"], textposition="top center",
                              marker=dict(size=14, color=PALETTE[1], symbol="star")), secondary_y=False)
-    fig.update_yaxes(title_text="% of values clipped", secondary_y=True)
+    # Whole-percent ticks of its own (no "4.87, 9.74" steps borrowed from the MSE axis), no second grid.
+    fig.update_yaxes(title_text="% of values clipped", secondary_y=True, showgrid=False, rangemode="tozero",
+                     tickformat=".0f", ticksuffix=" %", tickmode="auto", nticks=6)
     return _layout(fig, "Error against clipping ratio (1.0 = min-max, no clipping)", "clip ratio", "mean squared error")
 
 
@@ -155,31 +167,132 @@ def channel_figure(table: pd.DataFrame, column: str, title: str, marks: dict[str
 
 
 BIT_TICKS = (2, 3, 4, 5, 6, 8, 12, 16, 32)  # on a log axis, plotly's own ticks would read "2, 3" for 20, 30
+# Fixed, clearly distinct colours per method (Okabe-Ito, colour-blind safe): a method keeps its colour on
+# every chart, whichever methods a sweep happens to contain.
+METHOD_COLORS = {"fp": "#000000", "rtn": "#0072B2", "gptq": "#D55E00", "awq": "#009E73", "smoothquant": "#CC79A7"}
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "triangle-down", "pentagon", "hexagon", "star", "cross", "x")
+AXIS_TITLES = {"bits_per_weight": "bits per weight", "size_mib": "size (MiB)", "kl_divergence": "KL divergence (nats)",
+               "perplexity": "perplexity", "fidelity": "fidelity (mean cosine)"}
+# Label placement works in pixels of the plot area, which tradeoff_figure fixes (a figure of fixed size, the
+# legend in a fixed right margin): a 11 px font is ~6.5 px a character and 15 px a line. Candidate spots around
+# a point, tried in order: above, below, right, left, corners.
+TRADEOFF_SIZE = (620, 460)  # figure width, height in px
+TRADEOFF_MARGIN = dict(l=70, r=250, t=50, b=60)  # the right margin holds the legend, one configuration a line
+PLOT_PX = (0.95 * (TRADEOFF_SIZE[0] - 70 - 250), 0.95 * (TRADEOFF_SIZE[1] - 50 - 60))  # 5 % to spare
+CHAR_PX, LINE_PX, MARKER_PX = 6.5, 15.0, 14.0
+LABEL_SPOTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1))
+
+
+def axis_title(column: str) -> str:
+    return AXIS_TITLES.get(column, column.replace("_", " "))
+
+
+def _symbols(table: pd.DataFrame) -> list[str]:
+    """A marker symbol per row, distinct among the rows of one method (int4-g64 vs int4-g128 at a glance)."""
+    seen: dict[str, int] = {}
+    out = []
+    for method in table["method"]:
+        out.append(SYMBOLS[seen.get(method, 0) % len(SYMBOLS)])
+        seen[method] = seen.get(method, 0) + 1
+    return out
+
+
+def _to_pixels(values: np.ndarray, log: bool, size: float) -> np.ndarray:
+    v = np.log10(values) if log else values
+    low, high = np.nanmin(v), np.nanmax(v)
+    span = (high - low) or 1.0
+    return (v - low) / span * size * 0.84 + size * 0.08  # plotly pads the autorange by a few per cent
+
+
+def place_labels(xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], log_x: bool = True,
+                 log_y: bool = False) -> list[tuple[float, float] | None]:
+    """A pixel offset (dx, dy) per label, so that no label overlaps another label or a marker; None: no room.
+
+    Greedy, in the order given: each label takes the first spot around its point that is free.
+    """
+    px = _to_pixels(np.asarray(xs, dtype=float), log_x, PLOT_PX[0])
+    py = _to_pixels(np.asarray(ys, dtype=float), log_y, PLOT_PX[1])
+    half = MARKER_PX / 2
+    taken = [(x - half, y - half, x + half, y + half) for x, y in zip(px, py)]  # markers
+    offsets: list[tuple[float, float] | None] = []
+    for x, y, text in zip(px, py, texts):
+        width, height = CHAR_PX * len(text) + 4, LINE_PX
+        for sx, sy in LABEL_SPOTS:
+            dx = sx * (half + width / 2 + 2)
+            dy = sy * (half + height / 2 + 1)
+            box = (x + dx - width / 2, y + dy - height / 2, x + dx + width / 2, y + dy + height / 2)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                taken.append(box)
+                offsets.append((dx, dy))
+                break
+        else:
+            offsets.append(None)
+    return offsets
 
 
 def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str | None = "pareto",
-                    log_y: bool = False) -> go.Figure:
-    """Configurations as points coloured by method, with the Pareto front joined by a line.
+                    log_y: bool = False, error: str | None = None, highlight: str | None = None) -> go.Figure:
+    """Configurations as points, each its own legend entry, coloured by method; the Pareto front as a line.
 
-    Only the front's points carry their names (the rest crowd around 4 bits and their labels would
-    overlap); every point names itself on hover. The x axis is logarithmic: 3, 4, 8 and 32 bits
-    spread evenly instead of everything below 8 bits sharing a tenth of the width.
+    Every point is named twice: in the legend (colour = method, symbol = which configuration of that method)
+    and by a label placed where it overlaps no other label or marker (a point with no free spot keeps only its
+    legend entry and hover). ``error`` names a column of standard errors drawn as error bars; ``highlight``
+    rings one configuration (the recommendation). The x axis is logarithmic: 3, 4, 8 and 32 bits spread
+    evenly instead of everything below 8 bits sharing a tenth of the width.
     """
+    table = table.reset_index(drop=True)
     fig = go.Figure()
     on_front = table[front] if front is not None and table[front].any() else pd.Series(False, index=table.index)
-    for i, (method, part) in enumerate(table.groupby("method", sort=False)):
+    for row, symbol in zip(table.itertuples(index=False), _symbols(table)):
+        se = getattr(row, error) if error else None
         fig.add_trace(go.Scatter(
-            x=part[x], y=part[y], mode="markers+text", name=method,
-            marker=dict(size=12, color=PALETTE[i % len(PALETTE)]),
-            text=part["config"].where(on_front[part.index], ""), textposition="top center", customdata=part["config"],
-            cliponaxis=False,  # a name at the plot's edge runs into the margin instead of being cut
-            hovertemplate=f"%{{customdata}}<br>{x.replace('_', ' ')} %{{x:.4g}}<br>{y.replace('_', ' ')} %{{y:.4g}}"
-                          "<extra></extra>",
+            x=[getattr(row, x)], y=[getattr(row, y)], mode="markers", name=row.config, legendgroup=row.method,
+            marker=dict(size=12, symbol=symbol, color=METHOD_COLORS.get(row.method, "#868e96"),
+                        line=dict(width=1, color="white")),
+            error_y=dict(type="data", array=[se], visible=True, thickness=1.5) if se is not None and se == se else None,
+            customdata=[row.config], cliponaxis=False,
+            hovertemplate=f"%{{customdata}} ({row.method})<br>{axis_title(x)} %{{x:.4g}}<br>{axis_title(y)} "
+                          f"%{{y:.4g}}<extra></extra>",
         ))
+    if highlight is not None and (table["config"] == highlight).any():
+        chosen = table[table["config"] == highlight]
+        fig.add_trace(go.Scatter(x=chosen[x], y=chosen[y], mode="markers", name=f"recommended: {highlight}",
+                                 marker=dict(size=24, symbol="circle-open", color="#f08c00", line=dict(width=3)),
+                                 hoverinfo="skip"))
     if on_front.any():
         best = table[on_front].sort_values(x)
         fig.add_trace(go.Scatter(x=best[x], y=best[y], mode="lines", name="Pareto front",
-                                 line=dict(color="#495057", dash="dash")))
-    fig.update_yaxes(type="log" if log_y else "linear")
-    fig.update_xaxes(type="log", tickvals=BIT_TICKS if x == "bits_per_weight" else None)
-    return _layout(fig, title, x.replace("_", " "), y.replace("_", " "), height=420)
+                                 line=dict(color="#495057", dash="dash"), hoverinfo="skip"))
+    _annotate(fig, table, x, y, log_y)
+    fig.update_yaxes(type="log" if log_y else "linear", tickformat=".4~g")
+    fig.update_xaxes(type="log", tickvals=BIT_TICKS if x == "bits_per_weight" else _log_ticks(table[x]),
+                     tickformat=".4~g")
+    fig = _layout(fig, title, axis_title(x), axis_title(y), height=TRADEOFF_SIZE[1])
+    fig.update_layout(width=TRADEOFF_SIZE[0], margin=TRADEOFF_MARGIN,
+                      legend=dict(orientation="v", x=1.02, y=1, font=dict(size=11)))
+    fig.update_xaxes(automargin=False)
+    fig.update_yaxes(automargin=False)  # a margin that grows would shrink the area the labels were placed in
+    return fig
+
+
+def _annotate(fig: go.Figure, table: pd.DataFrame, x: str, y: str, log_y: bool) -> None:
+    """Name every point that has room, front points first (they are the ones people read)."""
+    order = table.sort_values("pareto" if "pareto" in table else x, ascending=False).index
+    offsets = place_labels(table.loc[order, x], table.loc[order, y], list(table.loc[order, "config"]),
+                           log_x=True, log_y=log_y)
+    for index, offset in zip(order, offsets):
+        if offset is None:
+            continue
+        value_x, value_y = table.at[index, x], table.at[index, y]
+        fig.add_annotation(x=np.log10(value_x), y=np.log10(value_y) if log_y else value_y,  # log axes: log10
+                           text=table.at[index, "config"], showarrow=False, xshift=offset[0], yshift=offset[1],
+                           font=dict(size=11, color=METHOD_COLORS.get(table.at[index, "method"], "#495057")))
+
+
+def _log_ticks(values: pd.Series) -> list[float]:
+    """1-2-5 ticks across the values' range, so a log axis reads "2, 5, 10, 20" and not "10k, 5, 2, 1000"."""
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(low))) - 1, int(np.ceil(np.log10(high))) + 1)
+             for m in (1, 2, 5)]
+    inside = [t for t in ticks if low / 1.5 <= t <= high * 1.5]
+    return inside if len(inside) >= 2 else ticks

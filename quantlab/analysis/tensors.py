@@ -13,6 +13,7 @@ so -1.0 lands on the 16th level, -8)::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -89,8 +90,9 @@ class VectorQuantization:
 
     table: pd.DataFrame  # per value: group, value, scaled, code, dequantized, error, clipped
     groups: pd.DataFrame  # per group: scale, zero_point, lowest and highest representable value
-    levels: np.ndarray  # every value the first group's grid can represent, ascending
+    levels: np.ndarray  # every value the grid of group ``grid_group`` can represent, ascending
     report: ErrorReport
+    grid_group: int = 0
 
 
 def sample_distribution(kind: str, n: int, seed: int = 0, spread: float = 1.0) -> np.ndarray:
@@ -104,18 +106,61 @@ def sample_distribution(kind: str, n: int, seed: int = 0, spread: float = 1.0) -
     return np.round(draw(0.0, spread, n) if kind != "uniform" else draw(spread, n), 4)
 
 
-def with_outlier(values: Sequence[float], index: int | None = None, factor: float = 10.0) -> list[float]:
-    """The values with one of them (default: the middle one) replaced by ``factor`` x the largest magnitude.
-
-    Replacing rather than appending keeps the length, so every group size that fitted still fits.
-    """
+def with_outlier(values: Sequence[float], factor: float = 10.0) -> list[float]:
+    """The values with one more appended: ``factor`` x the largest magnitude (nothing is overwritten)."""
     if not values:
         raise FormatError("add some values before adding an outlier")
     out = [float(v) for v in values]
-    index = len(out) // 2 if index is None else index % len(out)
     peak = max(abs(v) for v in out) or 1.0
-    out[index] = round(factor * peak, 4)
-    return out
+    return out + [round(factor * peak, 4)]
+
+
+@dataclass(frozen=True)
+class ScaleSteps:
+    """How one group's scale comes about, for a formula with the numbers in (integer grids, min-max)."""
+
+    group: int
+    low: float  # the group's range: min(x, 0) and max(x, 0) (asymmetric), or -max|x| and max|x| (symmetric)
+    high: float
+    levels: float  # what the range is divided by: (qmax - qmin) / 2 symmetric (7.5 full, 7 restricted at 4 bits),
+    # 2^b - 1 steps asymmetric
+    exact_scale: float  # the division in fp64, before the scale is stored
+    stored_scale: float  # what the format stores (fp16 by default) and quantizes with
+    zero_point: int | None
+
+    @property
+    def rounded(self) -> bool:
+        """Whether storing the scale changed it (fp16 keeps ~3 significant digits)."""
+        return not math.isclose(self.exact_scale, self.stored_scale, rel_tol=1e-7, abs_tol=0.0)
+
+
+def scale_steps(values: Sequence[float], fmt: QuantFormat, group: int = 0) -> ScaleSteps:
+    """The numbers in s = max|x| / qmax (symmetric) or s = (max - min) / (2^b - 1) and z = round(-min / s)."""
+    if fmt.kind != "int" or fmt.range_method != "minmax":
+        raise FormatError("the scale formula with numbers is for integer formats with min-max ranges")
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    blocks = to_blocks(x, fmt)  # (1, groups, g)
+    if not 0 <= group < blocks.shape[1]:
+        raise FormatError(f"group {group} does not exist; this vector has {blocks.shape[1]} group(s)")
+    block = blocks[0, group]
+    if fmt.symmetric:
+        high = float(block.abs().max())
+        low, levels = -high, fmt.symmetric_divisor
+        exact = high / levels
+    else:
+        low, high = min(float(block.min()), 0.0), max(float(block.max()), 0.0)
+        levels = 2**fmt.n_bits - 1
+        exact = (high - low) / levels
+    qparams = choose_qparams(x.float(), fmt)
+    stored = float(qparams.scale.float().reshape(-1)[group])
+    zero = int(qparams.zero_point.reshape(-1)[group]) if qparams.zero_point is not None else None
+    return ScaleSteps(group, low, high, levels, exact, stored, zero)
+
+
+def largest_group(values: Sequence[float], fmt: QuantFormat) -> int:
+    """The group holding the largest |value|: where an outlier blows the scale up."""
+    blocks = to_blocks(torch.tensor([float(v) for v in values], dtype=torch.float32), fmt)  # (1, groups, g)
+    return int(blocks[0].abs().amax(dim=-1).argmax())
 
 
 def playground_group_sizes(n_values: int) -> list[int]:
@@ -123,8 +168,11 @@ def playground_group_sizes(n_values: int) -> list[int]:
     return [g for g in range(2, n_values // 2 + 1) if n_values % g == 0]
 
 
-def quantize_vector(values: Sequence[float], fmt: QuantFormat) -> VectorQuantization:
-    """Quantize a short vector and return every intermediate: ``x/s (+ z)``, code, x̂, error, clipped."""
+def quantize_vector(values: Sequence[float], fmt: QuantFormat, grid_group: int = 0) -> VectorQuantization:
+    """Quantize a short vector and return every intermediate: ``x/s (+ z)``, code, x̂, error, clipped.
+
+    ``levels`` are the grid of group ``grid_group`` (the chart draws that group's grid).
+    """
     x = torch.tensor([float(v) for v in values], dtype=torch.float32)
     if not torch.isfinite(x).all():
         raise FormatError("every value must be a finite number; remove NaN or Inf entries")
@@ -152,8 +200,9 @@ def quantize_vector(values: Sequence[float], fmt: QuantFormat) -> VectorQuantiza
     })
     if fmt.kind == "int":
         table["code"] = table["code"].astype(int)
-    return VectorQuantization(table, group_table(qparams, fmt), grid_levels(fmt, qparams, 0, 0),
-                              error_report(x, fmt, qparams))
+    grid_group = min(max(grid_group, 0), blocks.shape[1] - 1)
+    return VectorQuantization(table, group_table(qparams, fmt), grid_levels(fmt, qparams, 0, grid_group),
+                              error_report(x, fmt, qparams), grid_group)
 
 
 def compare_symmetric_ranges(values: Sequence[float], fmt: QuantFormat) -> dict[str, VectorQuantization]:

@@ -11,6 +11,8 @@ all-MiniLM-L6-v2. Cosine ignores the final L2 normalisation that model applies.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,7 @@ class FidelityResult:
     n_sentences: int
     max_sentence_tokens: int
     dtype: str
+    fidelity_se: float = math.nan  # standard error of the mean cosine over the sentences
 
     metric = "fidelity"  # the headline metric, so sweeps can treat causal and encoder results alike
 
@@ -43,7 +46,7 @@ class FidelityResult:
 
     def to_dict(self) -> dict:
         return {"fidelity": self.fidelity, "min_cosine": self.min_cosine, "n_sentences": self.n_sentences,
-                "max_sentence_tokens": self.max_sentence_tokens, "dtype": self.dtype,
+                "max_sentence_tokens": self.max_sentence_tokens, "dtype": self.dtype, "fidelity_se": self.fidelity_se,
                 "definitions": self.definitions()}
 
 
@@ -85,5 +88,7 @@ def embedding_fidelity(model_q, tokenizer, sentences: list[str], reference, batc
     quantized = embed(model_q, tokenizer, sentences, batch_size, max_tokens, dtype)
     cosines = F.cosine_similarity(quantized.double(), reference.double(), dim=-1)  # (n,)
     fidelity = check_finite(model_q, float(cosines.mean()), "fidelity")
+    # Sentences are independent draws: the SE of their mean cosine is std / sqrt(n) (NaN for one sentence).
+    se = float(cosines.std(unbiased=True)) / math.sqrt(len(sentences)) if len(sentences) > 1 else math.nan
     return FidelityResult(fidelity, float(cosines.min()), len(sentences), max_tokens,
-                          compute_dtype_name(model_q, dtype))
+                          compute_dtype_name(model_q, dtype), se)

@@ -25,6 +25,7 @@ from quantlab.evaluation.config import EvalConfig
 from quantlab.evaluation.divergence import (
     DivergenceAccumulator, DivergenceResult, ReferenceLogProbs, TopKCollector, cached_batches,
 )
+from quantlab.evaluation.uncertainty import ratio_mean
 from quantlab.evaluation.scoring import (
     TokenStream, Window, check_finite, compute_dtype_name, count_words, encode_text, plan_windows, score_windows,
 )
@@ -47,12 +48,23 @@ class PerplexityResult:
     prepend_bos: bool
     dtype: str  # the compute dtype: float32, bfloat16, ...
     divergence: DivergenceResult | None = None  # against a full-precision reference, when one was given
+    window_nll: tuple[float, ...] = ()  # NLL summed over each window's scored tokens: standard errors, pairing
+    window_tokens: tuple[int, ...] = ()  # scored tokens of each window, in the same order
 
     metric = "perplexity"  # the headline metric, so sweeps can treat causal and encoder results alike
 
     @property
     def value(self) -> float:
         return self.perplexity
+
+    @property
+    def nll_se(self) -> float:
+        """Standard error of the mean NLL over the windows (NaN with one window)."""
+        return ratio_mean(self.window_nll, self.window_tokens).se if self.window_nll else math.nan
+
+    @property
+    def perplexity_se(self) -> float:
+        return self.perplexity * self.nll_se  # delta method: d exp(m) = exp(m) dm
 
     @property
     def window_scheme(self) -> str:
@@ -76,18 +88,35 @@ class PerplexityResult:
     def to_dict(self) -> dict:
         fields = {name: getattr(self, name) for name in (
             "perplexity", "nll", "tokens", "words", "bytes", "word_perplexity", "bits_per_byte", "ctx", "stride",
-            "n_windows", "prepend_bos", "dtype")}
+            "n_windows", "prepend_bos", "dtype", "nll_se", "perplexity_se")}
+        fields |= {"window_nll": list(self.window_nll), "window_tokens": list(self.window_tokens)}
         return fields | (self.divergence.to_dict() if self.divergence else {}) | {"definitions": self.definitions()}
 
 
 class _NllSum:
-    def __init__(self):
-        self.total = 0.0  # a Python float (double): 10^5 token NLLs summed in fp32 would lose digits
-        self.count = 0
+    """Total NLL and the NLL of each window; batches arrive as consecutive windows, concatenated."""
+
+    def __init__(self, windows: list[Window]):
+        self.sizes = [w.n_scored for w in windows]
+        self.per_window: list[float] = []  # Python floats (double): 10^5 token NLLs summed in fp32 lose digits
 
     def update(self, logprobs, targets) -> None:
-        self.total -= float(logprobs.gather(1, targets[:, None]).double().sum())
-        self.count += targets.numel()
+        token_nll = -logprobs.gather(1, targets[:, None]).double().squeeze(1)  # (n,)
+        start = len(self.per_window)
+        sizes = self.sizes[start:]
+        taken = 0
+        while taken < token_nll.numel():
+            size = sizes[len(self.per_window) - start]
+            self.per_window.append(float(token_nll[taken : taken + size].sum()))
+            taken += size
+
+    @property
+    def total(self) -> float:
+        return math.fsum(self.per_window)
+
+    @property
+    def count(self) -> int:
+        return sum(self.sizes[: len(self.per_window)])
 
 
 @dataclass(frozen=True)
@@ -114,7 +143,7 @@ def _run(model, prepared: _Prepared, extra_observers=()) -> PerplexityResult:
     config, stream = prepared.config, prepared.stream
     log.info("scoring %d tokens in %d windows of %d (stride %d), batch %d", len(stream.ids), len(prepared.windows),
              config.ctx, config.stride, config.batch_size)
-    nll = _NllSum()
+    nll = _NllSum(prepared.windows)
     for logprobs, targets in score_windows(model, stream, prepared.windows, config):
         for observer in (nll, *extra_observers):
             observer.update(logprobs, targets)
@@ -125,6 +154,7 @@ def _run(model, prepared: _Prepared, extra_observers=()) -> PerplexityResult:
         word_perplexity=math.exp(nll.total / words), bits_per_byte=nll.total / (math.log(2) * n_bytes),
         ctx=config.ctx, stride=config.stride, n_windows=len(prepared.windows),
         prepend_bos=bool(stream.prefix_tokens), dtype=compute_dtype_name(model, config.dtype),
+        window_nll=tuple(nll.per_window), window_tokens=tuple(nll.sizes[: len(nll.per_window)]),
     )
 
 

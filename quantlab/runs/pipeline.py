@@ -157,11 +157,14 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     check_config_fits(loaded.model, config, loaded.structure)
     session = session or QuantSession(loaded, eval_text, EvalConfig(max_tokens=max_eval_tokens))
     report = progress or (lambda fraction, message: None)
-    start = time.perf_counter()
-    model, layers, searches = loaded.model, (), {}
+    model, layers, searches, calib_seconds = loaded.model, (), {}, 0.0
     if config.method != "fp":
         report(0.0, f"{config.name}: calibration set")
-        calib_ids = session.calibration_ids(config.calib)
+        start = time.perf_counter()
+        calib_ids = session.calibration_ids(config.calib)  # built once per session and set: timed apart
+        calib_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    if config.method != "fp":
         run = run_blocks(loaded.model, calib_ids, _processor(config.method), config, structure=loaded.structure,
                          progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}"))
         model, layers, searches = run.model, tuple(run.layers), run.searches
@@ -175,7 +178,7 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     report(1.0, f"{config.name}: done")
     log.info("%s: %.1f s, %.2f bits/weight, quality %s", config.name, seconds, bits,
              {k: v for k, v in quality.items() if isinstance(v, float)})
-    return model, RunResult(config, layers, bits, total_bytes, seconds, quality, searches)
+    return model, RunResult(config, layers, bits, total_bytes, seconds, quality, searches, calib_seconds)
 
 
 def sweep_configs(names: Sequence[str] | None = None, calib: CalibConfig | None = None) -> list[QuantConfig]:

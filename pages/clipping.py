@@ -1,0 +1,5 @@
+"""/clipping on a fresh server's first run (legacy pages/ mode): hand it to the router, which opens Clipping."""
+
+from pages.navigation import route
+
+route()

@@ -1,0 +1,5 @@
+"""/compare on a fresh server's first run (legacy pages/ mode): hand it to the router, which opens Compare."""
+
+from pages.navigation import route
+
+route()

@@ -1,0 +1,5 @@
+"""/outliers on a fresh server's first run (legacy pages/ mode): hand it to the router, which opens Outliers."""
+
+from pages.navigation import route
+
+route()

@@ -1,0 +1,5 @@
+"""/playground on a fresh server's first run (legacy pages/ mode): hand it to the router, which opens Playground."""
+
+from pages.navigation import route
+
+route()

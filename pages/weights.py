@@ -1,0 +1,5 @@
+"""/weights on a fresh server's first run (legacy pages/ mode): hand it to the router, which opens Weights."""
+
+from pages.navigation import route
+
+route()

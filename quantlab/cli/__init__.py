@@ -112,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 def emit(result: dict, as_json: bool, text: str) -> None:
     """Print ``result`` as JSON with --json (ASCII: names are escaped), else the human-readable ``text``.
 
-    ``text`` must be built from ``printable`` names: a tensor name may hold escape sequences.
+    ``text`` must be built from ``printable`` names: a tensor name may hold escape sequences. JSON has
+    no Infinity or NaN: such figures (a word perplexity past float range) are written as null.
     """
-    sys.stdout.write((json.dumps(result, indent=2, default=str) if as_json else text) + "\n")
+    from quantlab.recipe import jsonable
+
+    document = json.dumps(jsonable(result), indent=2, default=str, allow_nan=False) if as_json else text
+    sys.stdout.write(document + "\n")
 
 
 def _quiet_libraries() -> None:

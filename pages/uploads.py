@@ -45,7 +45,8 @@ def upload_space() -> uploads.UploadSpace:
     root = parent / f"{UPLOAD_ROOT_PREFIX}{os.getpid()}"
     atexit.register(shutil.rmtree, str(root), True)
     return uploads.UploadSpace(root, max_bytes=_env_number("QUANTLAB_UPLOAD_SPACE_MB", 2048) * 2**20,
-                               idle_s=_env_number("QUANTLAB_UPLOAD_IDLE_S", 3600))
+                               idle_s=_env_number("QUANTLAB_UPLOAD_IDLE_S", 3600),
+                               grace_s=_env_number("QUANTLAB_UPLOAD_GRACE_S", 120))
 
 
 def _env_number(name: str, default: int) -> int:

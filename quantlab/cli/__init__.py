@@ -26,6 +26,7 @@ import tempfile
 import traceback
 
 from quantlab.errors import QuantLabError, is_library_panic
+from quantlab.models.paths import printable  # noqa: F401  (re-exported: the commands escape names with it)
 
 # Command name -> module in this package. Add a command by adding a module and a line here.
 COMMANDS = {
@@ -75,14 +76,6 @@ def float_option(low: float, high: float):
 
     parse.__name__ = "number"
     return parse
-
-
-def printable(text: str) -> str:
-    """One line, safe for a terminal: control characters (escape sequences, newlines) and lone surrogates escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in text)
 
 
 class _HeldWarnings(logging.Handler):

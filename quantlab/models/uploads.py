@@ -1,7 +1,7 @@
 """Where a server keeps uploaded checkpoints: a folder per session, removed when the session ends.
 
 A workshop server runs for hours while browsers come and go. Each session's uploads live in
-``<root>/session-<id>``; the folder is removed when the session ends (the app calls ``remove``),
+``<root>/session-<id>.<random>``; the folder is removed when the session ends (the app calls ``remove``),
 and, for sessions that vanish without ending (a closed laptop, a dropped network), by ``sweep``:
 a folder whose session is known to be gone and that has not been touched for ``grace_s``, or any
 folder untouched for ``idle_s``, is deleted. The app touches its session's folder on every page run,
@@ -44,11 +44,12 @@ class UploadSpace:
             raise ValueError("UploadSpace needs max_bytes >= 1, idle_s > 0 and grace_s >= 0")
 
     def folder(self, session_id: str) -> Path:
-        """The session's folder, created if needed and marked as used now."""
-        path = self.root / f"{SESSION_PREFIX}{_SAFE_ID.sub('_', session_id)[:64]}"
-        path.mkdir(parents=True, exist_ok=True)
-        touch(path)
-        return path
+        """A new folder for the session: ``session-<id>.<random>`` (the id tells the sweep whose it is).
+
+        The random part keeps two holders of one id apart (every AppTest session is "test_session_id").
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{SESSION_PREFIX}{_SAFE_ID.sub('_', session_id)[:64]}.", dir=self.root))
 
     def save(self, folder: Path, data: bytes, suffix: str) -> Path:
         """``data`` into ``folder`` under its content hash (never the uploader's name), within the byte cap."""
@@ -86,7 +87,7 @@ class UploadSpace:
         removed = []
         for folder in self._session_folders():
             idle = now - _mtime(folder)
-            live = is_live(folder.name.removeprefix(SESSION_PREFIX)) if is_live else None
+            live = is_live(session_of(folder)) if is_live else None
             if idle > self.idle_s or (live is False and idle > self.grace_s):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
@@ -99,6 +100,11 @@ class UploadSpace:
             return [p for p in self.root.iterdir() if p.name.startswith(SESSION_PREFIX) and p.is_dir()]
         except FileNotFoundError:
             return []
+
+
+def session_of(folder: Path) -> str:
+    """The session id a folder was made for (``session-<id>.<random>``)."""
+    return folder.name.removeprefix(SESSION_PREFIX).split(".")[0]
 
 
 def remove(folder: Path) -> None:

@@ -30,9 +30,11 @@ import streamlit as st
 from quantlab.models import loading as models
 from quantlab.analysis import tensors
 from quantlab.device import available_devices
-from quantlab.errors import ModelLoadError, QuantLabError
+from quantlab.errors import QuantLabError
 from quantlab.numerics.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
-from pages.uploads import SessionFolder, save_upload, server_policy, session_folder, sweep_uploads, touch_session
+from pages.uploads import (  # noqa: F401  (SessionFolder: re-exported for the session tests)
+    SessionFolder, save_upload, server_policy, session_folder, sweep_uploads, touch_session,
+)
 from quantlab.models.paths import REMOTE_CODE_ENV, allowed_path, allowed_source, printable
 from quantlab.models.weightfiles import describe_skipped
 

@@ -377,3 +377,58 @@ def test_a_tokenizer_that_panics_is_one_line(tmp_path, tiny_model_dirs):
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "tokenizer failed" in result.stderr
+
+
+# --- hypothesis: JSON depth and kind, any unicode name, any file kind -----------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (kept with the tests that use it)
+from hypothesis import strategies as hst  # noqa: E402
+
+from quantlab.errors import QuantLabError  # noqa: E402
+from quantlab.models.weightfiles import list_files, read_header, weight_files  # noqa: E402
+
+FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(depth=hst.integers(1, 60_000), kind=hst.sampled_from(["list", "object"]),
+       where=hst.sampled_from(["header", "index"]))
+def test_fuzz_json_depth_is_a_quantlab_error_or_a_listing(tmp_path_factory, depth, kind, where):
+    from bad_input_corpus import deep_json
+
+    folder = tmp_path_factory.mktemp("depth")
+    text = deep_json(depth, kind)
+    if where == "header":
+        (folder / "f.safetensors").write_bytes(raw_safetensors(text))
+        target = folder / "f.safetensors"
+    else:
+        (folder / "m.safetensors.index.json").write_text('{"weight_map": ' + text + "}")
+        target = folder / "m.safetensors.index.json"
+    try:
+        list_files(weight_files(target))
+    except QuantLabError as exc:
+        assert "\n" not in str(exc)
+
+
+@FUZZ
+@given(name=hst.text(min_size=1, max_size=40))
+def test_fuzz_any_unicode_name_is_listed_on_one_printable_line(tmp_path_factory, name):
+    from quantlab.models.paths import printable
+
+    path = tmp_path_factory.mktemp("names") / "n.safetensors"
+    path.write_bytes(named_tensor(name))
+    (info,) = read_header(path)
+    assert info.name == name
+    shown = printable(info.name)
+    assert shown.isprintable() and len(shown.splitlines()) == 1
+    shown.encode("utf-8")  # no lone surrogate left: a terminal or a web page can take it
+
+
+@FUZZ
+@given(kind=hst.sampled_from(SPECIAL_KINDS), as_index=hst.booleans())
+def test_fuzz_special_files_are_refused_without_opening_them(tmp_path_factory, kind, as_index):
+    folder = tmp_path_factory.mktemp("kinds")
+    name = "model.safetensors.index.json" if as_index else "model.safetensors"
+    make_special(folder / name, kind)
+    for target in (folder, folder / name):
+        with pytest.raises(QuantLabError):
+            list_files(weight_files(target))

@@ -83,8 +83,9 @@ def check_against_weights(config: dict, listing: TensorListing, name: str = "con
     if width is not None and embedding is not None and embedding.shape[1] != width:
         raise ModelLoadError(f"{name} says the hidden size is {width:,} but {printable(embedding.name)} is "
                              f"{embedding.shape[0]}x{embedding.shape[1]}; the config belongs to another model")
-    # Every transformer block holds at least its query and output projections, 2 * width**2 weights.
-    if layers is not None and width is not None and layers * width * width > listing.total_params:
+    # Every block holds at least its query and output projections, 2 * width**2 weights; a checkpoint packed
+    # at 2 bits stores 16 of them per int32 element, hence the slack of 8 (still far below a config's lie).
+    if layers is not None and width is not None and layers * width * width > 8 * listing.total_params:
         raise ModelLoadError(f"{name} describes {layers:,} layers of width {width:,}, more than the "
                              f"{listing.total_params:,} weights its files hold; the config belongs to another model")
 

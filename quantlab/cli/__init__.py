@@ -156,7 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         _say("quantlab: error: stdout is closed, so no result could be written; run it with an output")
         return EXIT_BAD_INPUT
     args = build_parser().parse_args(argv)
+    state = (log.level, log.propagate)
     held = _setup_logging(args.verbose)
+    try:
+        return _run(args, held)
+    finally:  # main() may run again in this process (the tests): the logger is as it found it
+        if held is not None:
+            log.removeHandler(held)
+        log.setLevel(state[0])
+        log.propagate = state[1]
+
+
+def _run(args: argparse.Namespace, held: _HeldWarnings | None) -> int:
+    """The command, with every way it can end turned into an exit code and at most one stderr line."""
     module = importlib.import_module(f"quantlab.cli.{COMMANDS[args.command]}")
     name = f"quantlab {args.command}"
     try:

@@ -1,4 +1,4 @@
-"""Streamlit helpers shared by app.py and the pages: the sidebar, cached loaders, session folders.
+"""Streamlit helpers shared by app.py and the pages: the sidebar, cached loaders (uploads: pages/uploads.py).
 
 This is the only module besides the pages that imports streamlit. Caching, so that returning to a
 page is instant:
@@ -20,8 +20,6 @@ import gc
 import hashlib
 import json
 import shutil
-import tempfile
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +30,12 @@ import streamlit as st
 from quantlab.models import loading as models
 from quantlab.analysis import tensors
 from quantlab.device import available_devices
-from quantlab.errors import ModelLoadError, QuantLabError
+from quantlab.errors import QuantLabError
 from quantlab.numerics.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
+from pages.uploads import (  # noqa: F401  (SessionFolder: re-exported for the session tests)
+    SessionFolder, save_upload, server_policy, session_folder, sweep_uploads, touch_session,
+)
+from quantlab.models.paths import REMOTE_CODE_ENV, allowed_path, allowed_source, printable
 from quantlab.models.weightfiles import describe_skipped
 
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
@@ -45,50 +47,12 @@ MODEL_CHOICES = (BUNDLED_LM_LABEL, BUNDLED_ENCODER_LABEL, HUB_LABEL, FOLDER_LABE
 FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
 GROUP_SIZES = (16, 32, 64, 128, 256)
 GRANULARITIES = ("per-channel", "group", "per-tensor")
-_SESSION_FOLDER_KEY = "_quantlab_session_folder"
 
 # Everything imported by now (torch, transformers, pandas, plotly: millions of objects) lives as long as
 # the process. Frozen once, at first import, it is no longer re-scanned by every full garbage collection,
 # which otherwise adds up to a second to a page switch on a busy 2-core machine (bench/bench_pages.py).
 # Objects created later, sessions' work included, are collected as usual.
 gc.freeze()
-
-
-# --- per-session temporary folder --------------------------------------------------------------
-class SessionFolder:
-    """A temporary folder removed when the browser session that holds it ends.
-
-    Streamlit drops a session's state when the session closes; the finalizer then removes the
-    folder (and at interpreter exit for sessions still open), so uploads never outlive their user.
-    """
-
-    def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="quantlab-session-"))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
-
-    def remove(self) -> None:
-        self._finalizer()
-
-
-def session_folder() -> Path:
-    if _SESSION_FOLDER_KEY not in st.session_state:
-        st.session_state[_SESSION_FOLDER_KEY] = SessionFolder()
-    return st.session_state[_SESSION_FOLDER_KEY].path
-
-
-def save_upload(data: bytes, suffix: str = ".safetensors") -> Path:
-    """Write uploaded bytes into the session folder under a content hash: the user's name is never a path.
-
-    The browser enforces the upload limit (``server.maxUploadSize``, MiB); checked again for other callers.
-    """
-    if len(data) > (limit := st.get_option("server.maxUploadSize")) * 2**20:
-        raise ModelLoadError(f"the file has {len(data) / 2**20:.1f} MB, over this server's upload limit of {limit} MB "
-                             "(server.maxUploadSize); inspect large checkpoints with the command line")
-    digest = hashlib.sha256(data).hexdigest()[:20]
-    path = session_folder() / f"upload-{digest}{suffix}"
-    if not path.exists():
-        path.write_bytes(data)
-    return path
 
 
 def export_zip(model, tokenizer, name: str) -> bytes:
@@ -119,7 +83,10 @@ def user_errors():
     try:
         yield
     except QuantLabError as exc:
-        st.error(str(exc), icon="⚠️")
+        st.error(printable(str(exc)), icon="⚠️")  # a lone surrogate in a tensor name cannot be sent
+        st.stop()
+    except RecursionError:  # a parser given JSON nested past Python's recursion limit
+        st.error("the file is nested too deeply to be read; it is not a file QuantLab wrote", icon="⚠️")
         st.stop()
 
 
@@ -213,6 +180,8 @@ def matrix_picker(matrices: list[tensors.NamedMatrix], label: str = "Layer", key
 # --- the sidebar -------------------------------------------------------------------------------
 def sidebar() -> None:
     """The model, the device and the current format, stored in session state for every page."""
+    touch_session()  # in use: the sweep's clock restarts
+    sweep_uploads()
     with st.sidebar:
         st.subheader("Model")
         label = st.selectbox("Model", MODEL_CHOICES, key="sb_model", label_visibility="collapsed")
@@ -228,17 +197,23 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
         return ModelChoice(label, models.BUNDLED_LM, device=device)
     if label == BUNDLED_ENCODER_LABEL:
         return ModelChoice(label, models.BUNDLED_ENCODER, device=device)
-    if label == HUB_LABEL:
-        st.caption("Suggested (each needs network): " + ", ".join(models.HUB_SUGGESTIONS))
-        hub_id = st.text_input("Hub id", value=models.HUB_SUGGESTIONS[0], key="sb_hub_id").strip()
-        trust = st.checkbox("Trust remote code", key="sb_trust", value=False,
-                            help="Runs Python code from the model's repository. Only for repositories you trust.")
-        if trust:
-            st.warning("Remote code will run on this machine with your permissions.")
-        return ModelChoice(label, hub_id, device=device, trust_remote_code=trust) if hub_id else None
-    if label == FOLDER_LABEL:
-        folder = st.text_input("Folder with config.json and weights", key="sb_folder").strip()
-        return ModelChoice(label, folder, device=device) if folder else None
+    policy = server_policy()
+    if label in (HUB_LABEL, FOLDER_LABEL):
+        if label == HUB_LABEL:
+            st.caption("Suggested (each needs network): " + ", ".join(models.HUB_SUGGESTIONS))
+            text = st.text_input("Hub id", value=models.HUB_SUGGESTIONS[0], key="sb_hub_id").strip()
+        else:
+            text = st.text_input("Folder with config.json and weights", key="sb_folder").strip()
+        if policy.allow_remote_code:  # the operator's decision (README "Security model"), never a visitor's
+            st.caption(f"Models may run their own code on this server ({REMOTE_CODE_ENV} is set by its operator).")
+        if not text:
+            return None
+        try:
+            source = allowed_source(text, policy) if label == HUB_LABEL else str(allowed_path(text, policy))
+        except QuantLabError as exc:
+            st.error(printable(str(exc)))
+            return None
+        return ModelChoice(label, source, device=device, trust_remote_code=policy.allow_remote_code)
     upload = st.file_uploader("Safetensors file", type=["safetensors"], key="sb_upload",
                               help="Weights only: the Model, Weights, Outliers, Clipping and Size pages read it "
                                    "without running a model.")
@@ -247,7 +222,7 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
     try:
         path = save_upload(upload.getvalue())
     except QuantLabError as exc:
-        st.error(str(exc))
+        st.error(printable(str(exc)))
         return None
     return ModelChoice(label, None, weights_path=str(path), device=device)
 

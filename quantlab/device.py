@@ -21,14 +21,28 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``None`` or ``"auto"`` picks the default; asking for CUDA without one is an error, not a crash."""
+    """``None`` or ``"auto"`` picks the default; a device that cannot run the model is an error, not a crash.
+
+    Only ``cpu`` and ``cuda[:N]`` (an index this machine has) run models here: ``meta`` holds no
+    values, and torch's other names (``xla``, ``hpu``, ...) need backends QuantLab does not drive.
+    """
     from quantlab.errors import FormatError
 
     if name in (None, "", "auto"):
         return default_device()
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    choices = ", ".join(["auto", *available_devices()])
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        shown = str(name).encode("ascii", "backslashreplace").decode("ascii")[:40]
+        raise FormatError(f"unknown device {shown!r}; use one of {choices}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise FormatError("CUDA was requested but no GPU is available here; use --device cpu")
-    return torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise FormatError(f"device {device.type!r} cannot run a model here; use one of {choices}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise FormatError(f"there is no {name}: this machine has {torch.cuda.device_count()} GPU(s); use cuda or cuda:0")
+    return device
 
 
 def release_memory(device: torch.device | str | None = None) -> None:

@@ -23,3 +23,13 @@ class ModelLoadError(QuantLabError):
 
 class DataError(QuantLabError):
     """A text or calibration source that cannot be used (missing, empty, unreachable)."""
+
+
+def is_library_panic(exc: BaseException) -> bool:
+    """A Rust library's panic (tokenizers, safetensors) raised through pyo3.
+
+    pyo3's ``PanicException`` derives from ``BaseException``, not ``Exception``, and is not importable
+    by name, so ``except Exception`` misses it: a tokenizer whose regex hits its backtracking limit
+    would otherwise end the command with a traceback.
+    """
+    return type(exc).__name__ == "PanicException"

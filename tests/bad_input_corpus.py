@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pathlib
 import tempfile
 import zipfile
@@ -131,3 +132,102 @@ def write_corpus(root: Path, tiny_llama: Path) -> Path:
     (root / "empty.txt").write_text("")
     (root / "three.txt").write_text("abc")
     return root
+
+
+# --- issue 13: hostile inputs, each kind generated in variants ---------------------------------------
+# Nesting past Python's recursion limit (1,000) and far past it; list and object nesting.
+DEPTHS = (3_000, 200_000)
+
+
+def deep_json(depth: int, kind: str) -> str:
+    """``[[[...]]]`` or ``{"a": {"a": ...}}`` nested ``depth`` levels."""
+    return "[" * depth + "]" * depth if kind == "list" else '{"a":' * depth + "1" + "}" * depth
+
+
+DEEP_JSON = {f"{kind} x{depth}": deep_json(depth, kind) for depth in DEPTHS for kind in ("list", "object")}
+
+
+def raw_safetensors(header_text: str, data: bytes = b"") -> bytes:
+    raw = header_text.encode("utf-8", "surrogatepass")
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+# Tensor names a terminal or a web page must not receive raw: escapes, controls, lone surrogates.
+HOSTILE_NAMES = {
+    "lone high surrogate": "w\ud800", "lone low surrogate": "x\udfffy", "clear screen": "\x1b[2J\x1b[31mred",
+    "bell": "a\x07b", "newline": "layer\nquantlab: fake line", "carriage return": "a\rb", "NUL": "a\x00b",
+    "right-to-left override": "a\u202eb",
+}
+
+
+def named_tensor(name: str) -> bytes:
+    """A valid one-tensor safetensors file whose tensor is called ``name`` (JSON escapes keep surrogates)."""
+    return raw_safetensors(json.dumps({name: _entry("F32", [1, 1], 0, 4)}), bytes(4))
+
+
+def many_tensors(count: int) -> bytes:
+    """A valid file of ``count`` one-value tensors: tiny on disk, a long walk for every page."""
+    header = {f"t{i}": _entry("F32", [1], 4 * i, 4 * i + 4) for i in range(count)}
+    return raw_safetensors(json.dumps(header), bytes(4 * count))
+
+
+# weight_map values that are not shard names next to the index: (value, what the message says).
+BAD_WEIGHT_MAP = {
+    "number": (5, "must be shard file names"), "null": (None, "must be shard file names"),
+    "true": (True, "must be shard file names"), "list": ([1], "must be shard file names"),
+    "object": ({"a": 1}, "must be shard file names"), "empty": ("", "must be shard file names"),
+    "parent": ("../outside.safetensors", "not a file in the index's own folder"),
+    "absolute": ("/etc/passwd", "not a file in the index's own folder"),
+    "subfolder": ("sub/inner.safetensors", "not a file in the index's own folder"),
+    "dot-dot": ("..", "not a file in the index's own folder"),
+    "missing shard": ("model-00002.safetensors", "lists shards that are missing"),
+}
+
+# config.json edits: a field -> a value of the wrong type or size (None deletes nothing: it is JSON null).
+BAD_CONFIG_FIELDS = {
+    "architectures 5": ("architectures", 5), "architectures [null]": ("architectures", [None]),
+    "architectures string": ("architectures", "LlamaForCausalLM"),
+    "positions 'big'": ("max_position_embeddings", "big"), "positions -1": ("max_position_embeddings", -1),
+    "positions 1.5": ("max_position_embeddings", 1.5), "positions true": ("max_position_embeddings", True),
+    "heads 0": ("num_attention_heads", 0), "heads 'x'": ("num_attention_heads", "x"),
+    "layers 10^9": ("num_hidden_layers", 10**9), "layers more than the weights": ("num_hidden_layers", 64),
+    "hidden 10^9": ("hidden_size", 10**9), "hidden not the weights'": ("hidden_size", 48),
+    "vocab -1": ("vocab_size", -1), "dtype float128": ("torch_dtype", "float128"), "dtype 5": ("torch_dtype", 5),
+    "model_type 5": ("model_type", 5),
+}
+# Whole config.json documents that are not a config object.
+BAD_CONFIG_DOCUMENTS = {"null": "null", "a list": "[]", "a string": '"config"', "not JSON": "{oops",
+                        **{f"nested {name}": text for name, text in DEEP_JSON.items()}}
+
+
+def pickle_streams() -> dict[str, bytes]:
+    """Malformed legacy (non-zip) torch pickles: a real one truncated at several points, and with bytes flipped."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, buffer, _use_new_zipfile_serialization=False)
+    data = buffer.getvalue()
+    streams = {f"truncated at {cut}": data[:cut] for cut in (2, 3, 12, 40, len(data) // 2, len(data) - 3)}
+    for offset in (2, 9, 20, 33):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0xFF
+        streams[f"byte {offset} flipped"] = bytes(flipped)
+    streams["protocol byte, then garbage"] = b"\x80\x02" + bytes(range(256))
+    return streams
+
+
+def make_special(path: Path, kind: str) -> Path:
+    """``path`` made into a FIFO, a folder, a symlink loop or a dangling symlink (what ``kind`` says)."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "symlink loop":
+        os.symlink(path.name + ".other", path)
+        os.symlink(path.name, path.with_name(path.name + ".other"))
+    elif kind == "dangling symlink":
+        os.symlink(path.name + ".gone", path)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+SPECIAL_KINDS = ("fifo", "folder", "symlink loop", "dangling symlink")

@@ -42,12 +42,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(start_timeout: float = 120.0):
-    """``python -m streamlit run app.py`` on a free localhost port; yields its URL, stops it after."""
+def streamlit_server(start_timeout: float = 120.0, address: str = "127.0.0.1", env: dict | None = None):
+    """``python -m streamlit run app.py`` on a free port bound to ``address``; yields its (localhost) URL."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1", *EXTRA_ARGS]
+               "--server.port", str(port), "--server.address", address, *EXTRA_ARGS]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -348,9 +348,10 @@ def test_calibration_longer_than_the_context_is_refused_in_the_app():
     assert any("2048 tokens are longer than the model's context" in e.value for e in at.error)
 
 
-def test_a_layer_that_rounds_to_zero_is_a_warning_on_the_quality_page(corpus):
+def test_a_layer_that_rounds_to_zero_is_a_warning_on_the_quality_page(corpus, monkeypatch):
     from pages.common import FOLDER_LABEL
 
+    monkeypatch.setenv("QUANTLAB_LOCAL_ROOTS", str(corpus))  # the operator lets the app read the corpus
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     at.selectbox(key="sb_model").set_value(FOLDER_LABEL).run()
     at.text_input(key="sb_folder").set_value(str(corpus / "model denormal")).run()
@@ -384,16 +385,19 @@ def test_the_app_listens_on_localhost_by_default():
     assert server["maxUploadSize"] > 0
 
 
-def test_remote_code_runs_only_when_the_user_opts_in_with_a_warning(monkeypatch):
+def test_remote_code_is_the_operators_setting_not_a_visitors_checkbox(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("QUANTLAB_ALLOW_REMOTE_CODE", raising=False)
     for load in (models.load_model, models.model_skeleton):
         assert inspect.signature(load).parameters["trust_remote_code"].default is False
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
-    at.selectbox(key="sb_model").set_value("Hugging Face hub id (needs network)").run()
-    assert at.session_state["_model_choice"].trust_remote_code is False and not at.warning
-    at.checkbox(key="sb_trust").check().run()
-    assert at.session_state["_model_choice"].trust_remote_code is True
-    assert any("Remote code will run" in w.value for w in at.warning)
+    for allowed in (False, True):
+        if allowed:
+            monkeypatch.setenv("QUANTLAB_ALLOW_REMOTE_CODE", "1")
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        at.selectbox(key="sb_model").set_value("Hugging Face hub id (needs network)").run()
+        assert not at.checkbox, "a visitor must have no remote-code switch"
+        assert at.session_state["_model_choice"].trust_remote_code is allowed
+        assert any("QUANTLAB_ALLOW_REMOTE_CODE" in c.value for c in at.caption) is allowed
 
 
 def test_no_source_file_unpickles_beyond_weights_only_or_trusts_remote_code_by_itself():

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from quantlab.evaluation import (
 )
 from quantlab.texts.sources import hub_unreachable_reason
 
-WIKITEXT = "../shared/data/wikitext-2-raw-test.txt"
+# The first 8,000 characters of WikiText-2 raw test, shipped with the tests (licence: tests/data/README.md).
+WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext-2-raw-test-excerpt.txt"
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error,
 from quantlab.models.architectures import ArchSpec, LinearInfo, ModelStructure, describe, weight_matrix
 from quantlab.errors import DataError, FormatError
 from quantlab.texts.sources import load_text
+from quantlab.texts.tokens import tokenize
 from quantlab.calibrate.inputstats import ActivationStats, InputRecorder, LinearInputs
 from quantlab.numerics.primitives import Quantized, dequantize
 from quantlab.models.quantized import QuantizedLinear, build_quantized_model, set_submodule
@@ -58,7 +59,7 @@ def calibration_set(tokenizer, cfg: CalibConfig, text: str | None = None) -> tor
     if tokenizer is None:
         raise DataError("this model has no tokenizer, so no calibration text can be tokenized; load a model folder with one")
     text = text if text is not None else calibration_text(cfg)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenize(tokenizer, text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if ids.numel() <= cfg.seq_len:
         raise DataError(
             f"calibration text {cfg.source!r} has {ids.numel()} tokens, fewer than one window of {cfg.seq_len}; "

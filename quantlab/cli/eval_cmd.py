@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli import emit
+from quantlab.cli import emit, int_option, printable
 from quantlab.evaluation import SOURCES, EvalConfig, FidelityResult, PerplexityResult, evaluate, load_text
 from quantlab.cli.size_cmd import BUNDLED_LM
+
+MAX_CTX = 2**20  # tokens per window: beyond any model's context
+MAX_TOKENS = 2**26  # 67M tokens: WikiText-103's training split is 100M, nobody evaluates more on one machine
+CHARS_PER_TOKEN_READ = 64  # text read per wanted token: a generous bound for any tokenizer
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -15,13 +19,16 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default="heldout", metavar="FILE|" + "|".join(SOURCES),
                         help="text to evaluate on: a .txt file, heldout (default, offline), train, or wikitext2 "
                              "(needs the Hugging Face hub)")
-    parser.add_argument("--ctx", type=int, default=None,
+    parser.add_argument("--ctx", type=int_option(1, MAX_CTX), default=None,
                         help="tokens per window (default: the model's context, at most 2048)")
-    parser.add_argument("--stride", type=int, default=None,
+    parser.add_argument("--stride", type=int_option(1, MAX_CTX), default=None,
                         help="tokens between window starts; less than --ctx gives sliding windows (default: ctx)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: automatic)")
-    parser.add_argument("--sentences", type=int, default=128, help="sentences for an encoder's fidelity")
+    parser.add_argument("--max-tokens", type=int_option(1, MAX_TOKENS), default=None,
+                        help="evaluate only the first N tokens of the text (only as much text is read)")
+    parser.add_argument("--batch-size", type=int_option(1, 4096), default=None,
+                        help="windows per forward pass (default: automatic)")
+    parser.add_argument("--sentences", type=int_option(1, 100_000), default=128,
+                        help="sentences for an encoder's fidelity")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="compute dtype (default: float32; bfloat16 runs under autocast)")
@@ -34,11 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
                         dtype=args.dtype, n_sentences=args.sentences)
-    text = load_text(args.text)  # before the model: a bad text source fails at once
+    # Before the model, so that a bad text fails at once; only as much as --max-tokens can use.
+    text = load_text(args.text, max_chars=args.max_tokens * CHARS_PER_TOKEN_READ if args.max_tokens else None)
     loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.kind, text, config)
     payload = {"model": loaded.name, "kind": loaded.kind, "text": str(args.text)} | result.to_dict()
-    emit(payload, args.json, describe(loaded.name, str(args.text), result))
+    emit(payload, args.json, describe(printable(loaded.name), printable(str(args.text)), result))
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli import emit
+from quantlab.cli import emit, printable
 from quantlab.cli.size_cmd import BUNDLED_LM
 
 
@@ -21,10 +21,11 @@ def run(args: argparse.Namespace) -> int:
 
     source = args.source[0] if len(args.source) == 1 else (args.source or None)
     listing = inspect_tensors(source)
-    width = max((len(t.name) for t in listing.tensors), default=4)
+    names = [printable(t.name) for t in listing.tensors]  # a name may hold terminal escape sequences
+    width = min(max((len(n) for n in names), default=4), 120)
     lines = [f"{'name':<{width}}  {'shape':<16} {'dtype':<10} {'bytes':>12}"]
-    lines += [f"{t.name:<{width}}  {'x'.join(map(str, t.shape)) or 'scalar':<16} {t.dtype:<10} {t.bytes:>12,}"
-              for t in listing.tensors]
+    lines += [f"{name:<{width}}  {'x'.join(map(str, t.shape)) or 'scalar':<16} {t.dtype:<10} {t.bytes:>12,}"
+              for name, t in zip(names, listing.tensors)]
     lines.append(f"{len(listing.tensors)} tensors, {listing.total_params:,} parameters, "
                  f"{listing.total_bytes:,} bytes ({listing.total_bytes / 2**20:.2f} MiB)")
     emit(listing.to_dict(), args.json, "\n".join(lines))

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from quantlab.cli import emit
+from quantlab.cli import emit, float_option, int_option, printable
 from quantlab.cli.size_cmd import BUNDLED_LM, FORMATS, format_from_args
 
+log = logging.getLogger("quantlab.cli")
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
+# Upper bounds of the numeric options (lower ones are the configurations' own, with their advice).
+MAX_GROUP = 2**20  # values per scale: beyond any layer's width
+MAX_CALIB_SAMPLES = 2**16  # GPTQ uses 128; 65,536 windows is hours of work on any model
+MAX_CALIB_LEN = 2**20  # tokens per window: beyond any model's context
+MAX_EVAL_TOKENS = 2**26
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", default=None, help=f"hub id, model folder or bundled name (default: {BUNDLED_LM})")
     parser.add_argument("--method", default="rtn", choices=METHODS, help="quantization algorithm (default rtn)")
     parser.add_argument("--format", default="int4", choices=FORMATS, help="weight number format (default int4)")
-    parser.add_argument("--group-size", type=int, default=None,
+    parser.add_argument("--group-size", type=int_option(-2**31, MAX_GROUP), default=None,
                         help="values per scale along the input: N>0 groups, 0 per-channel, -1 per-tensor (default per-channel)")
     parser.add_argument("--asym", action="store_true", help="asymmetric integers (adds a zero-point per scale)")
     parser.add_argument("--restricted", action="store_true",
@@ -31,28 +38,30 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="how static activation scales are calibrated")
     parser.add_argument("--kv", default=None, choices=("int8", "int4", "fp8-e4m3"), help="quantize the KV cache")
     parser.add_argument("--kv-granularity", default="per-token", choices=("per-token", "per-head"))
-    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
-    parser.add_argument("--block-size", type=int, default=128, help="GPTQ columns per lazy batch (default 128)")
+    parser.add_argument("--damp", type=float_option(-1e6, 1e6), default=0.01,
+                        help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    parser.add_argument("--block-size", type=int_option(1, 2**20), default=128, help="GPTQ columns per lazy batch (default 128)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ: quantize columns by decreasing diag(H) (default on, as llm-compressor's "
                              "actorder=static); --no-act-order keeps the plain column order")
     parser.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
                         help="GPTQ: group scales from the original weights (default: on with act-order, "
                              "off without)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
+    parser.add_argument("--alpha", type=float_option(-1e6, 1e6), default=0.5, help="SmoothQuant migration strength in [0, 1]")
     parser.add_argument("--out", default=None, metavar="DIR", help="export the quantized model (compressed-tensors) to DIR")
     parser.add_argument("--record", default=None, metavar="FILE", help="write a run record (JSON) the app can open")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --record file")
     parser.add_argument("--json", action="store_true", help="print JSON: perplexity/fidelity, sizes, seconds, layers")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared with ``sweep``: calibration, evaluation, device."""
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 32, 128 for large models)")
-    parser.add_argument("--calib-len", type=int, default=None, help="tokens per window (default: 256, 2048 for large models)")
+    parser.add_argument("--calib-samples", type=int_option(-2**31, MAX_CALIB_SAMPLES), default=None, help="calibration windows (default: 32, 128 for large models)")
+    parser.add_argument("--calib-len", type=int_option(-2**31, MAX_CALIB_LEN), default=None, help="tokens per window (default: 256, 2048 for large models)")
     parser.add_argument("--calib-source", default="train", help="train (bundled text), heldout, a .txt file or wikitext2")
-    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+    parser.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0, help="which calibration windows are drawn")
     parser.add_argument("--text", default=None, help="evaluation text: heldout (default), a .txt file or wikitext2")
-    parser.add_argument("--max-eval-tokens", type=int, default=None, help="cap on evaluation tokens")
+    parser.add_argument("--max-eval-tokens", type=int_option(1, MAX_EVAL_TOKENS), default=None, help="cap on evaluation tokens")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
 
@@ -88,8 +97,12 @@ def load_source(args: argparse.Namespace):
     from quantlab.evaluation import load_text
     from quantlab.models.loading import load_model
 
+    from quantlab.device import resolve_device
+
+    resolve_device(args.device)  # a bogus --device fails before the model loads
+    limit = args.max_eval_tokens * 64 if args.max_eval_tokens else None  # read no more text than it can use
+    text = load_text(args.text, max_chars=limit) if args.text else None
     loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
-    text = load_text(args.text) if args.text else None
     return loaded, text
 
 
@@ -107,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.calibrate.distributed import is_source_process
     from quantlab.runs.pipeline import quantize_model
 
+    check_outputs(args)  # an unusable --out or --record fails now, not after the long work
     loaded, text = load_source(args)
     config = config_from_args(args, loaded.model)
     if args.out:  # refuse a non-empty --out folder before the long work, not after it
@@ -119,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if not source:
         return 0
     document = summary(result)
-    for warning in result.warnings:  # stderr, so that --json output stays one document
-        print(f"quantlab quantize: warning: {warning}", file=sys.stderr)
+    for warning in result.warnings:  # stderr (after the work, one line each), so --json stays one document
+        log.warning("%s", warning)
     if args.out:
         from quantlab.runs.export import export_compressed
 
@@ -132,6 +146,18 @@ def run(args: argparse.Namespace) -> int:
         document["record"] = args.record
     emit(document, args.json, describe(result))
     return 0
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out must be a new or empty folder and --record a new file (or --force), both writable."""
+    if args.out:
+        from quantlab.runs.export import check_output_folder
+
+        check_output_folder(Path(args.out))
+    if args.record:
+        from quantlab.runs.records import check_record_path
+
+        check_record_path(args.record, overwrite=args.force)
 
 
 def summary(result) -> dict:
@@ -154,5 +180,5 @@ def describe(result) -> str:
         lines.append(f"{metric} {quality[metric]:.4f}{kl}")
     if result.layers:
         lines.append(f"{'layer':<40} {'out err':>9} {'w err':>9} {'clipped':>8}")
-        lines += [f"{r.name:<40} {r.output_error:9.2e} {r.weight_error:9.2e} {r.clipped_fraction:8.4f}" for r in result.layers]
+        lines += [f"{printable(r.name):<40} {r.output_error:9.2e} {r.weight_error:9.2e} {r.clipped_fraction:8.4f}" for r in result.layers]
     return "\n".join(lines)

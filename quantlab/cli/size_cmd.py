@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from collections import defaultdict
 
-from quantlab.cli import emit
+from quantlab.cli import emit, int_option
 from quantlab.numerics.formats import SCALE_DTYPES, Granularity, QuantFormat
 
 BUNDLED_LM = "pystdlib-llama-4m"  # quantlab.models.loading.BUNDLED_LM, without importing transformers for --help
@@ -20,7 +20,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
         help=f"hub id, model folder, or .safetensors file(s) or a shard index (default: {BUNDLED_LM})",
     )
     parser.add_argument("--format", default="int4", choices=FORMATS, help="number format (default int4)")
-    parser.add_argument("--group-size", type=int, default=None,
+    parser.add_argument("--group-size", type=int_option(-2**31, 2**20), default=None,
                         help="values per scale along the input: N>0 groups, 0 per-channel, -1 per-tensor "
                              "(default: per-channel, 64 for nf4)")
     parser.add_argument("--asym", action="store_true", help="asymmetric integers (adds a zero-point per scale)")

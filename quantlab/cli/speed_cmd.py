@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli import emit
+from quantlab.cli import emit, int_option, printable
 from quantlab.cli.size_cmd import BUNDLED_LM
 from quantlab.runs.speed import (
     BASELINES, CPU_VARIANTS, CUDA_VARIANTS, SpeedResult, SpeedSettings, measure_speed, ratios, theoretical_bytes,
@@ -18,10 +18,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated; CPU: {','.join(CPU_VARIANTS)}; CUDA: {','.join(CUDA_VARIANTS)} "
                              "(default: all of the device's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--prompt-tokens", type=int, default=SpeedSettings.prompt_tokens, help="prefill length")
-    parser.add_argument("--decode-tokens", type=int, default=SpeedSettings.decode_tokens,
+    parser.add_argument("--prompt-tokens", type=int_option(1, 2**16), default=SpeedSettings.prompt_tokens, help="prefill length")
+    parser.add_argument("--decode-tokens", type=int_option(0, 2**16), default=SpeedSettings.decode_tokens,
                         help="greedy decode steps with the KV cache (causal LMs)")
-    parser.add_argument("--repeats", type=int, default=SpeedSettings.repeats, help="timed runs; the median is shown")
+    parser.add_argument("--repeats", type=int_option(1, 1000), default=SpeedSettings.repeats, help="timed runs; the median is shown")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     parser.add_argument("--json", action="store_true", help="print JSON: results (measured), ratios, theoretical sizes")
 
@@ -29,7 +29,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantlab.models.loading import load_model  # here, not at the top: --help need not import transformers
 
+    from quantlab.device import resolve_device
+
     settings = SpeedSettings(args.prompt_tokens, args.decode_tokens, args.repeats)
+    resolve_device(args.device)  # a bogus --device fails before the model loads
     loaded = load_model(args.source, device="cpu", trust_remote_code=args.trust_remote_code)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else None
     results = measure_speed(loaded.model, loaded.kind, loaded.name, variants, settings, args.device)
@@ -52,7 +55,7 @@ def _has_baseline(results: list[SpeedResult]) -> bool:
 def describe(results: list[SpeedResult], theoretical: dict[str, int], relative: dict) -> str:
     first = results[0]
     lines = [
-        f"{first.model}: measured on {first.device}, prompt {first.prompt_tokens} tokens"
+        f"{printable(first.model)}: measured on {first.device}, prompt {first.prompt_tokens} tokens"
         + (f", decode {first.decode_tokens} tokens" if first.decode_tokens else "")
         + f", median of {first.repeats}",
         f"{'variant':<18} {'prefill ms/tok':>14} {'decode ms/tok':>14} {'resident MiB':>13} "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quantlab.texts.tokens import tokenize
 from quantlab.errors import FormatError
 from quantlab.evaluation.scoring import check_finite, compute_context, compute_dtype_name, model_device
 
@@ -56,8 +57,8 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_toke
     device = model_device(model)
     pooled = []
     for start in range(0, len(sentences), batch_size):
-        batch = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True,
-                          max_length=max_tokens, return_tensors="pt").to(device)
+        batch = tokenize(tokenizer, sentences[start : start + batch_size], padding=True, truncation=True,
+                         max_length=max_tokens, return_tensors="pt").to(device)
         with torch.inference_mode(), compute_context(model, dtype):
             hidden = _last_hidden_state(model, batch)  # (B, T, H)
         mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)

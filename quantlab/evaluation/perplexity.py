@@ -150,12 +150,17 @@ def _run(model, prepared: _Prepared, extra_observers=()) -> PerplexityResult:
     mean_nll = check_finite(model, nll.total / nll.count, "perplexity")
     words, n_bytes = count_words(stream.text), len(stream.text.encode("utf-8"))
     return PerplexityResult(
-        perplexity=math.exp(mean_nll), nll=mean_nll, tokens=nll.count, words=words, bytes=n_bytes,
-        word_perplexity=math.exp(nll.total / words), bits_per_byte=nll.total / (math.log(2) * n_bytes),
+        perplexity=_exp(mean_nll), nll=mean_nll, tokens=nll.count, words=words, bytes=n_bytes,
+        word_perplexity=_exp(nll.total / words), bits_per_byte=nll.total / (math.log(2) * n_bytes),
         ctx=config.ctx, stride=config.stride, n_windows=len(prepared.windows),
         prepend_bos=bool(stream.prefix_tokens), dtype=compute_dtype_name(model, config.dtype),
         window_nll=tuple(nll.per_window), window_tokens=tuple(nll.sizes[: len(nll.per_window)]),
     )
+
+
+def _exp(x: float) -> float:
+    """exp, with inf past float range: a text of one 'word' 33 MiB long has a word perplexity past 1e308."""
+    return math.exp(x) if x < 709.0 else math.inf
 
 
 def perplexity(model, tokenizer, text: str, config: EvalConfig | None = None,

@@ -33,8 +33,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from quantlab.models.architectures import ARCHITECTURES, ModelStructure, describe, find_linears
+from quantlab.models.configcheck import check_against_weights, check_config, read_config
+from quantlab.models.paths import AccessPolicy, allowed_path, file_kind, printable
 from quantlab.device import resolve_device
-from quantlab.errors import ModelLoadError
+from quantlab.errors import ModelLoadError, is_library_panic
 from quantlab.models.sizing import LayerSize, ModelSize, model_size, reference_size
 from quantlab.models.weightfiles import (
     PICKLE_SUFFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, TensorInfo, TensorListing, dtype_name, list_files,
@@ -152,12 +154,17 @@ def _torch_dtype(dtype) -> torch.dtype:
 def _is_local(source: str) -> bool:
     """A path that exists, or text that can only be a path (so a typo is not sent to the hub)."""
     path = Path(source).expanduser()
-    if path.exists():
+    if file_kind(path) != "missing":
         return True
     looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
     if looks_like_path or path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES + (".json",):
-        raise ModelLoadError(f"no such file or folder: {source}")
+        raise ModelLoadError(f"no such file or folder: {printable(source)[:200]}")
     return False
+
+
+def _local_path(source: str) -> Path:
+    """A local source, resolved and checked by the policy (``QUANTLAB_LOCAL_ROOTS`` when set)."""
+    return allowed_path(Path(source).expanduser(), AccessPolicy.for_cli())
 
 
 def hub_offline() -> bool:
@@ -173,8 +180,9 @@ def check_hub_id(repo_id: str) -> bool:
     """
     try:
         cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except HFValidationError:
-        raise ModelLoadError(f"{repo_id!r} is not a folder, a weights file or a valid hub id (org/name)") from None
+    except (HFValidationError, OSError):  # OSError: a name too long for the cache's file system
+        raise ModelLoadError(f"{printable(repr(repo_id))[:120]} is not a folder, a weights file or a valid hub id "
+                             "(org/name)") from None
     if cached:
         return False
     if hub_offline():
@@ -200,18 +208,35 @@ def _validate_folder(folder: Path) -> None:
         read_header(path)
 
 
+# What transformers raises on a config or checkpoint it cannot use: anything a parser can trip on.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError,
+                RuntimeError, RecursionError, OverflowError, SafetensorError)
+
+
 def _load_config(source: str, trust_remote_code: bool, local_files_only: bool):
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                          local_files_only=local_files_only)
-    except (OSError, ValueError, KeyError) as exc:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only)
+    except _LOAD_ERRORS as exc:
         hint = "" if trust_remote_code else " (custom architectures need trust_remote_code, off by default)"
-        raise ModelLoadError(f"cannot read the config of {source}: {_first_line(exc)}{hint}") from None
+        raise ModelLoadError(f"cannot read the config of {printable(source)}: {_first_line(exc)}{hint}") from None
+    check_config(config.to_dict(), f"the config of {printable(source)}")  # a hub config gets the same bounds
+    return config
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    if "above report" in text:  # transformers' size mismatch: its report went to the log, shown with -v
+        return "the weights' shapes do not match the config (a config from another model?); -v shows the report"
+    return printable(text.splitlines()[0][:300]) if text else type(exc).__name__
+
+
+def _check_local_config(folder: Path) -> None:
+    """config.json's types and bounds, and (safetensors weights) its layers against the stored tensors."""
+    config = read_config(folder)
+    files = weight_files(folder) if any(folder.glob("*.safetensors*")) else []
+    if files and all(f.suffix in SAFETENSORS_SUFFIXES for f in files):
+        check_against_weights(config, list_files(files), f"{printable(folder.name)}/config.json")
 
 
 def model_kind(config) -> str:
@@ -231,14 +256,15 @@ def _prepare(source: str | Path | None) -> tuple[str, bool]:
     """The resolved source and whether transformers may download (False: local files only)."""
     resolved = resolve_source(source)
     if _is_local(resolved):
-        path = Path(resolved).expanduser()
+        path = _local_path(resolved)
         if not (path / "config.json").is_file():
             what = "is a bare weights file" if path.is_file() else "has no config.json"
             raise ModelLoadError(
-                f"{path} {what}, so it cannot run as a model; bare weights can still be inspected, sized and "
-                "their matrices quantized one by one; to run it, put its config.json next to the weights"
+                f"{printable(str(path))} {what}, so it cannot run as a model; bare weights can still be inspected, "
+                "sized and their matrices quantized one by one; to run it, put its config.json next to the weights"
             )
         _validate_folder(path)
+        _check_local_config(path)
         return str(path), False
     return resolved, check_hub_id(resolved)
 
@@ -260,8 +286,8 @@ def load_model(source: str | Path | None = None, device=None, dtype=torch.float3
     except pickle.UnpicklingError:  # transformers reads .bin with weights_only=True, as load_pickled does
         raise ModelLoadError(f"refused to load {resolved}: its .bin weights hold Python objects or code, not just "
                              "tensors; convert them to safetensors from a trusted environment") from None
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ModelLoadError(f"cannot load the weights of {resolved}: {_first_line(exc)}") from None
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot load the weights of {printable(resolved)}: {_first_line(exc)}") from None
     if info.get("missing_keys"):
         log.warning("%s: %d weights missing from the checkpoint were initialised at random: %s",
                     resolved, len(info["missing_keys"]), sorted(info["missing_keys"])[:5])
@@ -279,7 +305,9 @@ def _load_tokenizer(source: str, local_files_only: bool):
         return None
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except BaseException as exc:  # noqa: BLE001  the Rust tokenizer's panics derive from BaseException
+        if not isinstance(exc, _LOAD_ERRORS) and not is_library_panic(exc):
+            raise
         log.warning("%s: no usable tokenizer (%s); text evaluation will not be available", source, _first_line(exc))
         return None
 
@@ -293,8 +321,11 @@ def model_skeleton(source: str | Path | None = None, trust_remote_code: bool = F
     config = _load_config(resolved, trust_remote_code, not download)
     auto = AutoModelForCausalLM if model_kind(config) == "causal" else AutoModel
     stored = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-    with torch.device("meta"):
-        model = auto.from_config(config, dtype=stored, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=stored, trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot build {printable(resolved)} from its config: {_first_line(exc)}") from None
     if not find_linears(model):
         raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
     return model
@@ -326,7 +357,7 @@ def inspect_tensors(source) -> TensorListing:
         return list_files([Path(p) for p in source])
     resolved = resolve_source(source)
     if _is_local(resolved):
-        return list_files(weight_files(Path(resolved).expanduser()))
+        return list_files(weight_files(_local_path(resolved)))
     if not check_hub_id(resolved):
         return list_files(weight_files(Path(try_to_load_from_cache(resolved, "config.json")).parent))
     return _hub_listing(resolved)
@@ -369,5 +400,5 @@ def load_tensors(source) -> dict[str, torch.Tensor]:
         return load_files([Path(p) for p in source])
     resolved = resolve_source(source)
     if _is_local(resolved):
-        return load_files(weight_files(Path(resolved).expanduser()))
+        return load_files(weight_files(_local_path(resolved)))
     return load_tensors(load_model(resolved).model)

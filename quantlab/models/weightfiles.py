@@ -17,14 +17,17 @@ import logging
 import math
 import pickle
 import re
+import struct
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from quantlab.errors import ModelLoadError
+from quantlab.models.paths import file_kind, printable, require_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit: a larger "header" is garbage
+# The largest real checkpoints hold a few thousand tensors per file (DeepSeek-V3: ~91k over 163 shards).
+# Far more is a file built to make every page walk millions of entries; refused before any work.
+MAX_TENSORS_PER_FILE = 65_536
+MAX_INDEX_BYTES = 64 * 2**20  # a shard index lists names only: a 100k-tensor model's is a few MiB
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -89,13 +96,31 @@ class TensorListing:
 
 
 def _corrupt(path: Path, what: str) -> ModelLoadError:
-    return ModelLoadError(f"{path.name} is not a valid safetensors file: {what}; download or save it again")
+    return ModelLoadError(f"{printable(path.name)} is not a valid safetensors file: {what}; download or save it again")
+
+
+def parse_json(raw: bytes | str):
+    """JSON from untrusted bytes: NaN / Infinity refused; None when it is not JSON (or nested past recursion).
+
+    Python's parser recurses once per nesting level, so ``[[[[...]]]]`` 100,000 deep is a RecursionError,
+    not a JSONDecodeError: both mean the same to a user.
+    """
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(raw, parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return _NOT_JSON
+
+
+_NOT_JSON = object()  # parse_json's "not JSON" (None is the JSON value null)
 
 
 def read_header(path: Path) -> list[TensorInfo]:
     """The tensors a safetensors file declares, after checking the header against the file's size."""
     path = Path(path)
-    size = path.stat().st_size
+    size = require_regular_file(path)  # a FIFO would block the read below forever
     with path.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
@@ -104,12 +129,14 @@ def read_header(path: Path) -> list[TensorInfo]:
         if header_len > min(size - 8, MAX_HEADER_BYTES):
             raise _corrupt(path, f"the header claims {header_len} bytes but only {size - 8} follow (truncated?)")
         raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _corrupt(path, "its header is not JSON") from None
+    header = parse_json(raw)
+    if header is _NOT_JSON:
+        raise _corrupt(path, "its header is not JSON")
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
+    if len(header) > MAX_TENSORS_PER_FILE + 1:
+        raise ModelLoadError(f"{printable(path.name)} declares {len(header) - 1:,} tensors, more than the "
+                             f"{MAX_TENSORS_PER_FILE:,} QuantLab reads from one file; split it into shards")
     data_len = size - 8 - header_len
     entries = [(name, entry) for name, entry in header.items() if name != "__metadata__"]
     infos, spans = [], []
@@ -123,18 +150,19 @@ def read_header(path: Path) -> list[TensorInfo]:
 
 def _check_entry(path: Path, name: str, entry, data_len: int) -> tuple[TensorInfo, tuple[int, int]]:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise _corrupt(path, f"tensor {name!r} lacks dtype, shape or data_offsets")
+        raise _corrupt(path, f"tensor {printable(repr(name))} lacks dtype, shape or data_offsets")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:  # a JSON list or object is unhashable
         raise ModelLoadError(
-            f"{path.name}: tensor {name!r} has dtype {code!r}, which QuantLab cannot read; "
+            f"{printable(path.name)}: tensor {printable(repr(name))} has dtype {printable(repr(code))[:40]}, "
+            "which QuantLab cannot read; "
             f"supported: {', '.join(SAFETENSORS_DTYPES)}"
         )
     # type(...) is int: JSON true/false arrive as Python bools, which isinstance(..., int) would accept.
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _corrupt(path, f"tensor {printable(repr(name))} has an invalid shape {printable(repr(shape))[:80]}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _corrupt(path, f"tensor {printable(repr(name))} has invalid data_offsets {printable(repr(offsets))[:80]}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise _corrupt(path, f"tensor {name!r} spans bytes {begin}..{end} of a {data_len}-byte data section (truncated?)")
@@ -158,16 +186,19 @@ def weight_files(path: Path) -> list[Path]:
     A folder's safetensors win over its pickles (they hold the same weights, and are safe to read).
     """
     path = Path(path)
-    if path.is_dir():
+    kind = file_kind(path)
+    if kind == "folder":
         return _folder_files(path)
-    if not path.is_file():
-        raise ModelLoadError(f"no such file or folder: {path}")
+    if kind == "missing":
+        raise ModelLoadError(f"no such file or folder: {printable(str(path))}")
+    if kind != "file":
+        raise ModelLoadError(f"{printable(str(path))} is {kind}, not a weights file or folder")
     if path.name.endswith(".index.json"):
         return _index_shards(path)
     if path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         return [path]
     raise ModelLoadError(
-        f"{path.name}: not a weights file; give a .safetensors file, a *.safetensors.index.json, "
+        f"{printable(path.name)}: not a weights file; give a .safetensors file, a *.safetensors.index.json, "
         "a .bin/.pt file, a model folder or a hub id"
     )
 
@@ -181,41 +212,72 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def _index_shards(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise ModelLoadError(f"{index.name} is not a valid shard index (no weight_map); save it again") from None
-    shards = [index.parent / name for name in names]
-    missing = [s.name for s in shards if not s.is_file()]
+    """The shards an index names, each a regular file next to the index."""
+    if require_regular_file(index) > MAX_INDEX_BYTES:
+        raise ModelLoadError(f"{printable(index.name)} has more than {MAX_INDEX_BYTES // 2**20} MiB: not a shard index")
+    document = parse_json(index.read_bytes())
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{printable(index.name)} is not a valid shard index (no weight_map); save it again")
+    bad = [name for name in weight_map.values() if not (isinstance(name, str) and name)][:1]
+    if bad:
+        bad = bad[0]
+        raise ModelLoadError(f"{printable(index.name)}: weight_map values must be shard file names, got "
+                             f"{printable(repr(bad))[:60]}; save the index again")
+    shards = [_shard_path(index, name) for name in sorted(set(weight_map.values()))]
+    missing = [printable(s.name) for s in shards if file_kind(s) == "missing"]
     if missing:
-        raise ModelLoadError(f"{index.name} lists shards that are missing: {', '.join(missing)}; download them too")
+        raise ModelLoadError(f"{printable(index.name)} lists shards that are missing: {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}; download them too")
+    for shard in shards:
+        require_regular_file(shard)
     return shards
+
+
+def _shard_path(index: Path, name: str) -> Path:
+    """``name`` as a file next to ``index``: ``../x``, ``sub/x`` and absolute names are refused.
+
+    Checked on the name, not on the resolved path: the hub's cache links every shard to a blob in
+    another folder, and such links are the hub's. Where a server confines paths, the model folder's
+    own entries are checked against its roots (``paths.check_folder_entries``).
+    """
+    candidate = PurePath(name)
+    if candidate.is_absolute() or len(candidate.parts) != 1 or name in (".", "..") or "\\" in name:
+        raise ModelLoadError(f"{printable(index.name)} names the shard {printable(repr(name))[:80]}, which is not a "
+                             "file in the index's own folder; shards must sit next to their index")
+    return index.parent / name
 
 
 def load_pickled(path: Path) -> dict[str, torch.Tensor]:
     """A ``.bin``/``.pt`` state dict, through ``torch.load(weights_only=True)`` only."""
+    require_regular_file(path)
     with path.open("rb") as handle:
         head = handle.read(2)
     # torch.save writes a zip archive ("PK"); old torch versions a pickle stream (protocol byte 0x80).
     # Anything else (an image, a text file) would otherwise be reported as a refused pickle.
     if head != b"PK" and head[:1] != b"\x80":
-        raise ModelLoadError(f"{path.name} is not a PyTorch weights file (it is neither a zip archive nor a pickle); "
+        raise ModelLoadError(f"{printable(path.name)} is not a PyTorch weights file (it is neither a zip archive nor a pickle); "
                              "give .safetensors, .bin or .pt weights")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's protocol warnings: the refusal below says it in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))  # what the pickle asked to import, if torch says
         raise ModelLoadError(
-            f"refused to load {path.name}: it holds Python objects or code, not just tensors"
+            f"refused to load {printable(path.name)}: it holds Python objects or code, not just tensors"
             f"{f' (it imports {wanted[1]})' if wanted else ''}; convert it to safetensors from a trusted environment"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"{path.name} is not a readable PyTorch weights file ({exc}); save it again") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError,
+            struct.error, RecursionError, MemoryError, OverflowError) as exc:
+        # A malformed stream fails inside torch's weights-only unpickler with whatever it tripped on.
+        detail = printable(str(exc).strip().splitlines()[0][:160]) if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{printable(path.name)} is not a readable PyTorch weights file ({detail}); "
+                             "save it again") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise ModelLoadError(f"refused {path.name}: it is not a flat {{name: tensor}} weights dict")
+        raise ModelLoadError(f"refused {printable(path.name)}: it is not a flat {{name: tensor}} weights dict")
     return state
 
 

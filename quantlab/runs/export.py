@@ -111,10 +111,17 @@ def export_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None,
 
 
 def check_output_folder(out: Path) -> None:
-    """An export goes to a new or empty folder: nothing already there is ever overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        kind = "folder is not empty" if out.is_dir() else "path is a file"
-        raise FormatError(f"{out}: the {kind}; choose a new folder for the export (nothing was written)")
+    """An export goes to a new or empty folder in a writable place: nothing already there is ever overwritten."""
+    shown = str(out).encode("ascii", "backslashreplace").decode("ascii")[:200]
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            kind = "folder is not empty" if out.is_dir() else "path is a file"
+            raise FormatError(f"{shown}: the {kind}; choose a new folder for the export (nothing was written)")
+        folder = next(p for p in (out, *out.parents) if p.exists())
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise FormatError(f"cannot export to {shown}: {folder} is not a writable folder; choose another place")
+    except OSError as exc:  # a name too long, a loop in the path's links, a folder that cannot be listed
+        raise FormatError(f"cannot export to {shown} ({exc.strerror or exc}); choose another folder") from None
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:

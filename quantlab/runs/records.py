@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -197,19 +198,50 @@ def _device_of(model) -> str:
     return str(default_device())
 
 
+def check_record_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Whether a record can be written to ``path``, checked before any work: DataError saying why not.
+
+    A new file in a writable folder (created if missing), or an existing file with ``overwrite``;
+    never a folder.
+    """
+    path = Path(path)
+    shown = str(path).encode("ascii", "backslashreplace").decode("ascii")[:200]
+    try:
+        if path.is_dir():
+            raise DataError(f"{shown} is a folder; give a file name for the record, e.g. {shown}/sweep.json")
+        if path.exists() and not overwrite:
+            raise DataError(f"{shown} exists; add --force to overwrite it, or choose a new name (nothing was written)")
+        folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise DataError(f"cannot write {shown}: {folder} is not a writable folder; choose another place")
+    except OSError as exc:  # a name too long, a loop in the path's links
+        raise DataError(f"cannot write {shown} ({exc.strerror or exc}); choose another name") from None
+    return path
+
+
 def write_record(path: str | Path, runs, model, **fields) -> RunRecord:
     """Build a record (``build_record``'s arguments) and write it to ``path`` as JSON; returns it.
 
-    The file is written to a temporary name first and renamed, so a crash never leaves half a record.
+    The file is written to a temporary name first and renamed, so a crash never leaves half a record,
+    and the temporary file is removed when the write or the rename fails.
     """
     record = runs if isinstance(runs, RunRecord) else build_record(runs, model, **fields)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record.to_dict(), indent=1, allow_nan=False)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(temp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise DataError(f"cannot write {path} ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except OSError as exc:
+        raise DataError(f"cannot write {path} ({exc.strerror or exc}); nothing was written") from None
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
     return record
 
 
@@ -217,13 +249,26 @@ def read_record(path: str | Path) -> RunRecord:
     """Open a record written by ``write_record`` (or a bare list of run results); DataError if unusable."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"no such record file: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path.name} is not a JSON run record ({exc}); pick a file written by "
+    except OSError as exc:
+        raise DataError(f"cannot read the record {path.name} ({exc.strerror or exc})") from None
+    return record_from_bytes(raw, path.name)
+
+
+def record_from_bytes(raw: bytes, name: str = "record") -> RunRecord:
+    """A record from a file's bytes (an upload): not JSON, nested too deeply, NaN or Infinity: DataError."""
+    def no_constants(constant: str):
+        raise ValueError(f"{constant} is not a number a record may hold")
+
+    try:
+        data = json.loads(raw, parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
+        raise DataError(f"{name} is not a JSON run record ({detail}); pick a file written by "
                         "`quantlab sweep --out` or `quantlab quantize --record`") from None
-    return record_from_dict(data, path.name)
+    return record_from_dict(data, name)
 
 
 def bundled_sweeps() -> dict[str, Path]:
@@ -273,7 +318,30 @@ def _runs(items: list, name: str) -> tuple[RunResult, ...]:
         except (TypeError, AttributeError, ValueError, QuantLabError) as exc:
             message = str(exc) if isinstance(exc, FormatError) else f"{type(exc).__name__}: {exc}"
             raise DataError(f"{name}: run {index} cannot be read ({message})") from None
+        _check_numbers(item, index, name)
     return tuple(runs)
+
+
+_NUMBER_FIELDS = ("bits_per_weight", "total_bytes", "seconds")
+# The figures the pages chart; null (not measured) is allowed, a string or NaN is not.
+_QUALITY_NUMBERS = ("perplexity", "word_perplexity", "bits_per_byte", "fidelity", "min_cosine", "kl_divergence",
+                    "top1_agreement", "tokens")
+
+
+def _check_numbers(item, index: int, name: str) -> None:
+    """A run's figures are finite JSON numbers: "4.1" (a string) or a huge exponent would only fail in a chart."""
+    quality = item.get("quality") or {}
+    if not isinstance(quality, dict):
+        raise DataError(f"{name}: run {index}'s quality must be an object, got {type(quality).__name__}")
+    figures = [(key, item.get(key)) for key in _NUMBER_FIELDS]
+    figures += [(f"quality.{key}", quality[key]) for key in _QUALITY_NUMBERS if key in quality]
+    for key, value in figures:
+        if value is None and key.startswith("quality."):
+            continue  # a quality that could not be measured is written as null (jsonable)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            shown = repr(value).encode("ascii", "backslashreplace").decode("ascii")[:40]
+            raise DataError(f"{name}: run {index}'s {key} must be a finite number, got {shown}; "
+                            "the file is damaged or hand-edited")
 
 
 def _bare_runs(data, name: str) -> RunRecord:

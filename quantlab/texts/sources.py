@@ -24,6 +24,7 @@ CORPUS_SOURCES = ("heldout", "train")
 WIKITEXT2 = "wikitext2"
 SOURCES = (*CORPUS_SOURCES, WIKITEXT2)
 WIKITEXT2_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+MAX_TEXT_BYTES = 32 * 2**20  # a whole text evaluated at once: WikiText-2's test split is 1.3 MB, its train 11 MB
 MIN_CHARS = 200  # below this no window of any useful context fits; say so rather than print a noisy number
 HUB_PROBE_TIMEOUT_S = 5.0  # one short request decides "offline" before datasets starts its retries
 _WORKS_OFFLINE = "use --text heldout (the bundled held-out text) or a local .txt file"
@@ -36,14 +37,25 @@ def load_text(source: str | Path = "heldout", max_chars: int | None = None) -> s
         text = corpus.read_split(name, max_chars=max_chars)
     elif name == WIKITEXT2:
         text = _wikitext2()
-    elif Path(name).expanduser().is_file():
-        text = decode_text(Path(name).expanduser().read_bytes(), name)
+    elif Path(name).expanduser().is_file():  # False for a FIFO or a device: those are never opened
+        text = decode_text(_read_bounded(Path(name).expanduser(), max_chars), name)
     elif Path(name).expanduser().exists():
         raise DataError(f"{name} is not a regular file; give a .txt file or one of {', '.join(SOURCES)}")
     else:
         raise DataError(f"no text source {name!r}: not a file, and not one of {', '.join(SOURCES)}")
     text = text[:max_chars] if max_chars is not None else text
     return check_text(text, name)
+
+
+def _read_bounded(path: Path, max_chars: int | None) -> bytes:
+    """The file's bytes: a prefix when only ``max_chars`` characters are wanted, else at most MAX_TEXT_BYTES."""
+    limit = MAX_TEXT_BYTES if max_chars is None else 4 * max_chars  # UTF-8: at most 4 bytes a character
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit and max_chars is None:
+        raise DataError(f"{path.name} has more than {MAX_TEXT_BYTES // 2**20} MiB of text; evaluate a part of it "
+                        "(--max-tokens) or cut the file")
+    return data[:limit]
 
 
 def decode_text(data: bytes, name: str = "uploaded text") -> str:

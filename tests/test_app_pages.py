@@ -119,7 +119,7 @@ def test_clipping_page_finds_a_minimum():
     minmax_row = methods[methods["range_method"] == "minmax"].iloc[0]
     assert mse_row["mse"] <= minmax_row["mse"] and minmax_row["clipped_fraction"] == 0
     at.radio(key="c_scope").set_value("one block").run()
-    assert not at.exception and len(at.get("plotly_chart")) == 2
+    assert not at.exception and len(at.get("plotly_chart")) == 3  # sweep, methods, block-scale fit
 
 
 def test_size_page_computes_the_7b_arithmetic():

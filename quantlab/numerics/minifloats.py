@@ -64,7 +64,12 @@ class Minifloat:
                 out.append(mantissa * 2.0 ** (self.emin - self.man_bits))
             else:
                 out.append((2**self.man_bits + mantissa) * 2.0 ** (biased - self.bias - self.man_bits))
-        return tuple(out)
+        return tuple(v for v in out if v <= self.max)  # E4M3's top pattern is NaN, not 480
+
+    def grid(self) -> tuple[float, ...]:
+        """Every value, negative ones included, ascending (one zero)."""
+        mags = self.magnitudes()
+        return tuple(-v for v in reversed(mags[1:])) + mags
 
 
 # mx_round_bits follows compressed-tensors 0.20 (generate_mx_scales): the element's own mantissa

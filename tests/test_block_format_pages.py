@@ -41,3 +41,19 @@ def test_size_page_lists_the_block_formats_at_7b():
     row = reference[(reference["model"] == "7B") & (reference["format"] == "mxfp4")].iloc[0]
     assert row["bits_per_weight"] == 4.25
     assert {"nvfp4", "fp8-block"} <= set(reference["format"])
+
+
+def test_quality_page_opens_the_shipped_formats_sweep():
+    import pytest
+
+    from quantlab.runs import records
+
+    shipped = records.bundled_sweeps()
+    expected = records.read_record(shipped["pystdlib-llama-4m-formats"])
+    at = open_page("quality")
+    at.selectbox(key="q_example").set_value("pystdlib-llama-4m-formats")
+    at.button(key="q_open_example").click().run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert {"rtn-mxfp4", "gptq-nvfp4", "rtn-fp8-block"} <= set(table["config"])
+    assert table["perplexity"].tolist() == pytest.approx([r.quality["perplexity"] for r in expected.runs])

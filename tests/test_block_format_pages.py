@@ -57,3 +57,12 @@ def test_quality_page_opens_the_shipped_formats_sweep():
     table = at.dataframe[0].value
     assert {"rtn-mxfp4", "gptq-nvfp4", "rtn-fp8-block"} <= set(table["config"])
     assert table["perplexity"].tolist() == pytest.approx([r.quality["perplexity"] for r in expected.runs])
+
+
+def test_outliers_page_shows_the_rotation_before_and_after():
+    at = open_page("outliers")
+    at.button(key="o_rotate").click().run()
+    assert not at.exception, at.exception
+    summary = next(d.value for d in at.dataframe if "excess kurtosis" in d.value)
+    assert summary["input"].tolist() == ["before rotation", "after rotation"]
+    assert len(at.get("plotly_chart")) >= 1

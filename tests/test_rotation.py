@@ -24,3 +24,20 @@ def test_rotation_keeps_the_logits_and_leaves_the_model_alone(bundled_lm):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     W, W_rot = model.model.layers[0].self_attn.q_proj.weight, rotated.model.layers[0].self_attn.q_proj.weight
     assert not torch.allclose(W, W_rot)
+
+
+def test_rot_configurations_parse_and_run_on_a_rotated_copy(bundled_lm):
+    from quantlab.recipe import QuantConfig, parse_config_name
+    from quantlab.runs.pipeline import quantize_model
+
+    assert parse_config_name("rot-w4a8").name == "rot-rtn-int4-g128-a8"
+    config = parse_config_name("rot-gptq-int4-g128")
+    assert config.rotate and config.method == "gptq" and QuantConfig.from_dict(config.to_dict()) == config
+    small = parse_config_name("rot-int4-g128")
+    model, result = quantize_model(bundled_lm, small, evaluate_quality=False)
+    assert result.config.name == "rot-rtn-int4-g128" and len(result.layers) == 28
+    ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp, q = bundled_lm.model(ids).logits, model(ids).logits
+    assert 0 < (q - fp).abs().max() < 0.5 * fp.abs().max()  # quantized, and still the same function roughly
+    assert bundled_lm.model.model.norm.weight.ne(1).any()  # the shared model was not rotated in place

@@ -6,7 +6,8 @@ from pages.common import (
     cached_view, current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
 )
 from quantlab.analysis import plots
-from quantlab.analysis import tensors
+from quantlab.analysis import blockformats, tensors
+from quantlab.numerics.formats import QuantFormat
 from quantlab.numerics.primitives import to_blocks
 
 
@@ -17,6 +18,15 @@ def _clipping(key: str, layer: str, fmt_repr: str, block: tuple | None, _W, _fmt
     sweep, methods = tensors.clipping_sweep(values, fmt), tensors.range_method_table(values, fmt)
     best = tensors.best_ratio(sweep)
     return sweep, methods, best, plots.clipping_figure(sweep, best), plots.error_split_figure(methods, "range_method")
+
+
+@cached_view(spinner="Fitting block scales…")
+def _scale_fits(key: str, layer: str, chosen: str, _W) -> tuple:
+    names = dict.fromkeys([n for n in (chosen, "mxfp4", "nvfp4") if n])
+    fits = {name: blockformats.scale_fit(_W, QuantFormat.parse(name)) for name in names}
+    hists = {name: tensors.histogram(fit["fit"].to_numpy().copy(), 60, (0.5, 1.25)) for name, fit in fits.items()}
+    return blockformats.scale_fit_summary(fits), plots.overlaid_histograms_figure(
+        hists, f"{layer}: absmax / grid top, per block", "fit (above 1: clipped; below 1: range unused)")
 
 
 st.title("Clipping")
@@ -54,3 +64,15 @@ st.write("**min-max** uses the full range; **percentile** keeps a share of the v
 st.plotly_chart(methods_figure, key="c_methods")
 st.dataframe(methods, hide_index=True, width="stretch")
 download_table(methods, "clipping_range_methods")
+
+st.subheader("Block formats: does each block's scale fit its values?")
+st.write("A scaled-block format picks each block's scale from its absmax, but can only store some scales. "
+         "Fit = absmax / (top of the block's grid): above 1 the largest values **clip** to the top code, below 1 the "
+         "top codes go **unused** (range wasted). MXFP4's power-of-two scale spreads the fit over [0.58, 1.17); "
+         "NVFP4's FP8 scale keeps it within 1/16 of 1.")
+with user_errors():
+    fit_summary, fit_figure = _scale_fits(results_key(), layer.name, fmt.name if fmt.is_block_scaled else "",
+                                          layer.weight)
+st.plotly_chart(fit_figure, key="c_fit")
+st.dataframe(fit_summary, hide_index=True, width="stretch")
+download_table(fit_summary, "clipping_block_scale_fit")

@@ -36,6 +36,7 @@ from pages.uploads import (  # noqa: F401  (SessionFolder: re-exported for the s
     SessionFolder, save_upload, server_policy, session_folder, sweep_uploads, touch_session,
 )
 from quantlab.models.paths import REMOTE_CODE_ENV, allowed_path, allowed_source, printable
+from quantlab.numerics.minifloats import BLOCK_SPECS
 from quantlab.models.weightfiles import describe_skipped
 
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
@@ -44,7 +45,7 @@ HUB_LABEL = "Hugging Face hub id (needs network)"
 FOLDER_LABEL = "Local model folder"
 UPLOAD_LABEL = "Upload .safetensors"
 MODEL_CHOICES = (BUNDLED_LM_LABEL, BUNDLED_ENCODER_LABEL, HUB_LABEL, FOLDER_LABEL, UPLOAD_LABEL)
-FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
+FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4", *BLOCK_SPECS)  # then mxfp4, nvfp4, fp8-block, ...
 GROUP_SIZES = (16, 32, 64, 128, 256)
 GRANULARITIES = ("per-channel", "group", "per-tensor")
 
@@ -229,21 +230,27 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
 
 def _format_widgets() -> QuantFormat | None:
     kind = st.selectbox("Number format", FORMAT_KINDS, key="sb_kind",
-                        help="Integers with a scale (and zero-point), 8-bit floats, or the 16-level NF4 codebook.")
+                        help="Integers with a scale (and zero-point), 8-bit floats, the 16-level NF4 codebook, or "
+                             "the 2026 block formats (MXFP4/6/8, NVFP4, FP8 block), whose block and scale are fixed.")
+    block = kind in BLOCK_SPECS
+    if block:
+        st.caption(BLOCK_SPECS[kind].summary + ".")
     bits = st.slider("Bits", 2, 8, 4, key="sb_bits", disabled=kind != "int")
     symmetric = st.radio("Zero-point", ("symmetric", "asymmetric"), key="sb_sym", horizontal=True,
                          disabled=kind != "int",
                          help="Asymmetric adds an integer zero-point per scale so that the grid can sit off-centre.")
-    granularity = st.radio("Scale shared by", GRANULARITIES, key="sb_gran", index=1, horizontal=True,
+    granularity = st.radio("Scale shared by", GRANULARITIES, key="sb_gran", index=1, horizontal=True, disabled=block,
                            help="One scale per output row, per group of inputs in a row, or for the whole tensor.")
-    group_size = st.selectbox("Group size", GROUP_SIZES, index=3, key="sb_group", disabled=granularity != "group",
+    group_size = st.selectbox("Group size", GROUP_SIZES, index=3, key="sb_group", disabled=block or granularity != "group",
                               help="How many consecutive weights share one scale: smaller groups fit better "
                                    "but store more scales.")
-    method = st.selectbox("Range method", RANGE_METHODS, key="sb_range",
+    method = st.selectbox("Range method", RANGE_METHODS, key="sb_range", disabled=block,
                           help="min-max keeps every value in range; percentile and MSE clip the extremes.")
     percentile = st.number_input("Percentile kept", 50.0, 100.0, 99.9, step=0.1, key="sb_pct",
-                                 disabled=method != "percentile")
-    scale_dtype = st.selectbox("Scale dtype", tuple(SCALE_DTYPES), key="sb_scale_dtype")
+                                 disabled=block or method != "percentile")
+    scale_dtype = st.selectbox("Scale dtype", tuple(SCALE_DTYPES), key="sb_scale_dtype", disabled=block)
+    if block:
+        return QuantFormat.parse(kind)
     gran = Granularity("group", group_size) if granularity == "group" else Granularity(
         "tensor" if granularity == "per-tensor" else "channel")
     try:

@@ -9,10 +9,22 @@ from pages.common import (
 from pages.runs import result_store
 from quantlab.analysis import plots
 from quantlab.recipe import CalibConfig
-from quantlab.analysis import outliers
+from quantlab.analysis import outliers, rotation_view
+from quantlab.calibrate.runner import calibration_set
 
 CALIB = CalibConfig(n_samples=8, seq_len=128)  # a quick pass: channel maxima settle within a few thousand tokens
 MARKS = {"awq_protects": "AWQ scales up (salient)", "smoothquant_migrates": "SmoothQuant migrates"}
+
+
+@cached_view(spinner="Rotating a copy of the model…")
+def _rotation(key: str, block: int, _loaded) -> tuple:
+    ids = calibration_set(_loaded.tokenizer, CalibConfig(n_samples=4, seq_len=128, source="heldout"))
+    channels, summary = rotation_view.rotation_channels(_loaded.model, ids, block)
+    figure = plots.overlaid_histograms_figure(
+        {"before": channels.assign(center=channels["channel"], count=channels["before"]),
+         "after": channels.assign(center=channels["channel"], count=channels["after"])},
+        f"Block {block} q_proj input: largest |x| per channel", "channel")
+    return channels, summary, figure
 
 
 def _activation_stats(key: str, loaded, progress):
@@ -97,3 +109,17 @@ kurtosis, kurtosis_figure = _kurtosis(key, stats is not None, matrices, stats)
 st.plotly_chart(kurtosis_figure, key="o_kurtosis")
 st.dataframe(kurtosis, hide_index=True, width="stretch")
 download_table(kurtosis, "outlier_kurtosis")
+
+st.subheader("Hadamard rotation: before and after")
+st.write("A randomized Hadamard rotation of the residual stream (QuaRot / SpinQuant's R1), fused into the weights, "
+         "computes the same function but spreads every channel over all the others: the inputs of a block's "
+         "q_proj before and after, on held-out text. Llama-style models only.")
+loaded_model = current_model()
+block_count = len(getattr(getattr(loaded_model.model, "model", None), "layers", [])) if loaded_model else 0
+block = int(st.number_input("Block", 0, max(block_count - 1, 0), 0, key="o_rot_block", disabled=not block_count))
+if block_count and st.button("Rotate a copy and compare", key="o_rotate"):
+    with user_errors():
+        channels, summary, figure = _rotation(results_key(), block, loaded_model)
+    st.plotly_chart(figure, key="o_rot_chart")
+    st.dataframe(summary, hide_index=True, width="stretch")
+    download_table(channels, "outlier_rotation_channels")

@@ -5,7 +5,7 @@ import streamlit as st
 
 from pages.common import GLOSSARY, cached_view, download_table, explain, user_errors
 from quantlab.analysis import plots
-from quantlab.analysis import tensors
+from quantlab.analysis import blockformats, tensors
 from quantlab.numerics.formats import Granularity, QuantFormat
 
 DEFAULT_VALUES = [0.12, -0.53, 0.91, -0.07, 0.33, -1.2, 0.64, 0.05]
@@ -24,6 +24,11 @@ def _both_ranges(values: tuple, fmt_repr: str, _fmt) -> tuple:
     figures = {row.grid: plots.vector_figure(results[row.grid], f"{row.grid} range, codes {row.codes}")
                for row in summary.itertuples()}
     return summary, figures
+
+
+@cached_view(max_entries=64)
+def _worked_block(values: tuple) -> tuple:
+    return blockformats.worked_block(values)
 
 
 st.title("Playground")
@@ -159,3 +164,24 @@ with st.expander("PTQ and QAT: when is quantization done?"):
     st.write("**Quantization-aware training (QAT)** simulates the rounding during training (fake-quantize in "
              "the forward pass, a straight-through gradient in the backward pass), so the model learns weights "
              "that survive it. Better at 2-3 bits, but it needs the training data and compute.")
+
+st.subheader("The 2026 block formats: MXFP4 and NVFP4 on your values")
+st.write("FP4 (**E2M1**) stores a sign, 2 exponent bits and 1 mantissa bit: eight magnitudes, "
+         "0, 0.5, 1, 1.5, 2, 3, 4, 6, so the grid is fine near zero and coarse near the top. "
+         "Rounding is to the nearest value, ties to the even mantissa (2.5 → 2, 3.5 → 4, 5 → 4); above 6 it saturates.")
+with user_errors():
+    block_table, block_summary = _worked_block(tuple(values))
+left, right = st.columns(2)
+left.caption("The 16 E2M1 codes")
+left.dataframe(blockformats.e2m1_table(), hide_index=True, height=300, width="stretch")
+right.caption("MXFP4's E8M0 scale: the block's absmax rounded to a power of two 2^e (up from 1.75·2^e on), "
+              "then s = 2^(e-2), so that the top code 6·s lands near the absmax.")
+right.dataframe(blockformats.mx_rounding_table(), hide_index=True, width="stretch")
+st.write("**MXFP4** (one E8M0 power-of-two scale per 32 values, 4.25 bits per weight) can only pick s among powers "
+         "of two: the grid's top 6·s overshoots the absmax by up to 1.7x (range wasted), or the absmax exceeds it "
+         "by up to 1/6 (the largest values clip). **NVFP4** (one FP8 E4M3 scale per 16 values, plus one fp32 scale per "
+         "tensor, 4.5 bits) stores s with 3 mantissa bits, so 6·s sits within 1/16 of the absmax, and its blocks "
+         "are half as long, so an outlier coarsens fewer neighbours. Your values, as the first block of each:")
+st.dataframe(block_summary, hide_index=True, width="stretch")
+st.dataframe(block_table, hide_index=True, width="stretch")
+download_table(block_table, "playground_block_formats")

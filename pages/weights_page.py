@@ -62,10 +62,12 @@ with right:
 download_table(views.histograms(), "weights_histograms")
 
 st.subheader("Before and after: two formats")
-names = [fmt.name, *[n for n in sizes.SIZE_FORMATS if n != fmt.name]]
+names = [fmt.name, *[n for n in (*sizes.SIZE_FORMATS, *sizes.BLOCK_SIZE_FORMATS) if n != fmt.name]]
 other_name = st.selectbox("Compare the sidebar's format with", names[1:], index=2, key="w_other")
 with user_errors():
-    other = QuantFormat.parse(other_name, scale_dtype=fmt.scale_dtype)
+    other = QuantFormat.parse(other_name)
+    if not (other.is_block_scaled or fmt.is_block_scaled):  # block formats fix their own scale type
+        other = QuantFormat.parse(other_name, scale_dtype=fmt.scale_dtype)
     table, comparison_figure = _comparison(results_key(), layer.name, (repr(fmt), repr(other)), layer.weight,
                                            (fmt, other))
 st.plotly_chart(comparison_figure, key="w_cmp")

@@ -10,7 +10,7 @@ and the CLI take::
     >>> parse_config_name("w8a8-smoothquant").act.n_bits
     8
 
-Grammar: ``[METHOD-]FORMAT[-aBITS[-static]][-kv-KVFORMAT[-per-head]]``, with ``METHOD`` rtn by
+Grammar: ``[rot-][METHOD-]FORMAT[-aBITS[-static]][-kv-KVFORMAT[-per-head]]``, with ``METHOD`` rtn by
 default, plus ``fp``, ``fp-kv-int8`` and the aliases in ``ALIASES``.
 
 A run returns a ``RunResult``: one ``LayerResult`` per quantized linear and a summary (bits per
@@ -172,6 +172,7 @@ class QuantConfig:
     gptq: GPTQParams = field(default_factory=GPTQParams)
     awq: AWQParams = field(default_factory=AWQParams)
     smooth_alpha: float = 0.5  # SmoothQuant migration strength: 0 keeps activations, 1 moves all to weights
+    rotate: bool = False  # first fuse a randomized Hadamard rotation of the residual stream (algorithms.rotation)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -186,12 +187,14 @@ class QuantConfig:
             raise FormatError("smoothquant smooths activations for quantization; add --act int8")
         if not 0 <= self.smooth_alpha <= 1:
             raise FormatError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.rotate and self.weight_format is None:
+            raise FormatError("rotation prepares weights for quantization; give a weight format (rot-int4-g128)")
         if not self.name:
             object.__setattr__(self, "name", self.canonical_name)
 
     @property
     def canonical_name(self) -> str:
-        parts = [self.method] + ([self.weight_format.name] if self.weight_format else [])
+        parts = ["rot"] * self.rotate + [self.method] + ([self.weight_format.name] if self.weight_format else [])
         parts += [spec.name for spec in (self.act, self.kv) if spec is not None]
         return "-".join(parts)
 
@@ -219,7 +222,7 @@ class QuantConfig:
         nested = {"act": ActSpec, "kv": KVSpec, "calib": CalibConfig, "gptq": GPTQParams, "awq": AWQParams}
         kwargs = {key: kind(**data[key]) for key, kind in nested.items() if data.get(key) is not None}
         return cls(name=data.get("name", ""), method=data["method"], weight_format=fmt,
-                   smooth_alpha=data.get("smooth_alpha", 0.5), **kwargs)
+                   smooth_alpha=data.get("smooth_alpha", 0.5), rotate=data.get("rotate", False), **kwargs)
 
 
 def _format_fields(fmt: QuantFormat | None) -> dict | None:
@@ -245,7 +248,10 @@ def parse_config_name(text: str, **overrides) -> QuantConfig:
     ``overrides`` (e.g. ``calib=CalibConfig(...)``) replace fields of the result.
     """
     original = text
-    text = ALIASES.get(text.strip().lower(), text.strip().lower())
+    text = text.strip().lower()
+    rotate = text.startswith("rot-")  # rot-int4-g128, rot-gptq-int4-g128, rot-w4a8
+    text = text.removeprefix("rot-")
+    text = ALIASES.get(text, text)
     kv = act = None
     if match := _KV_SUFFIX.search(text):
         fmt_name = "fp8-e4m3" if match["fmt"] == "fp8" else match["fmt"]
@@ -263,7 +269,7 @@ def parse_config_name(text: str, **overrides) -> QuantConfig:
         fmt = QuantFormat.parse(text) if text else None
     except FormatError as exc:
         raise FormatError(f"cannot read configuration {original!r}: {exc}") from None
-    config = QuantConfig(method=method, weight_format=fmt, act=act, kv=kv)
+    config = QuantConfig(method=method, weight_format=fmt, act=act, kv=kv, rotate=rotate)
     return replace(config, **overrides) if overrides else config
 
 

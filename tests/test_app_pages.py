@@ -154,7 +154,7 @@ def test_clipping_page_finds_a_minimum():
     # min-max on the full signed grid clips only what lies within the half step above +qmax (absmax -> +7.5 steps)
     assert 0 <= minmax_row["clipped_fraction"] < 0.01
     at.radio(key="c_scope").set_value("one block").run()
-    assert not at.exception and len(at.get("plotly_chart")) == 2
+    assert not at.exception and len(at.get("plotly_chart")) == 3  # sweep, methods, block-scale fit
 
 
 def test_size_page_computes_the_7b_arithmetic():

@@ -40,7 +40,7 @@ import torch
 
 from quantlab.calibrate import distributed
 from quantlab.recipe import GPTQParams
-from quantlab.numerics import kernels
+from quantlab.numerics import kernels, microscaling
 from quantlab.numerics.formats import Granularity, QuantFormat
 from quantlab.numerics.primitives import QParams, Quantized, check_format_fits, choose_qparams, clipped_mask, fake_quantize, quantize
 
@@ -79,8 +79,11 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tens
 
 
 def _column_format(fmt: QuantFormat) -> QuantFormat:
-    """The same number format applied to one column with its group's (out or 1, 1, 1) scale."""
-    return replace(fmt, granularity=Granularity("channel"))
+    """The same number format applied to one column with its group's (out or 1, 1, 1) scale.
+
+    Scaled-block formats stay as they are: their columns are rounded elementwise with fixed scales.
+    """
+    return fmt if fmt.is_block_scaled else replace(fmt, granularity=Granularity("channel"))
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, params: GPTQParams = GPTQParams(),
@@ -93,8 +96,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, params: GP
     H[dead, dead] = 1
     W[:, dead] = 0
     grouped = fmt.granularity.kind == "group"
-    # Scales that do not depend on the GPTQ updates: per-channel/-tensor, or static groups.
-    fixed = choose_qparams(W, fmt) if (not grouped or params.static_groups) else None  # (rows, groups, 1)
+    # Scales that do not depend on the GPTQ updates: per-channel/-tensor, static groups, or a
+    # scaled-block format (NVFP4's global scale and FP8 block's 128-row tiles see the whole weight).
+    static = not grouped or params.static_groups or fmt.is_block_scaled
+    fixed = choose_qparams(W, fmt) if static else None  # (rows, groups, 1)
     perm = torch.argsort(torch.diag(H), descending=True) if params.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
@@ -156,6 +161,9 @@ def _column_rounder(col_fmt: QuantFormat, qp: QParams):
     The loop runs once per input column, so the per-call overhead of the generic ``fake_quantize``
     (reshapes, checks) would dominate; the integer path calls the same kernel on flat vectors.
     """
+    if col_fmt.is_block_scaled:
+        scale = qp.working_scale().reshape(-1)  # (out,)
+        return lambda w: microscaling.fake(w, scale, col_fmt)
     if col_fmt.kind != "int":
         return lambda w: fake_quantize(w.unsqueeze(1), col_fmt, qp).squeeze(1)
     scale = qp.scale.float().reshape(-1)  # (out,) or (1,)
@@ -170,7 +178,7 @@ def _fixed_for_column(col: int, perm, gran: Granularity, fixed: QParams) -> QPar
     group = (perm[col].item() if perm is not None else col) // gran.group_size  # static groups: original order
     pick = slice(group, group + 1)
     zero_point = None if fixed.zero_point is None else fixed.zero_point[:, pick]
-    return QParams(fixed.scale[:, pick], zero_point, fixed.clip_ratio[:, pick])
+    return QParams(fixed.scale[:, pick], zero_point, fixed.clip_ratio[:, pick], fixed.global_scale)
 
 
 def _concat(group_params: list[QParams]) -> QParams:

@@ -17,18 +17,22 @@ from quantlab.models.weightfiles import TensorListing
 
 SIZE_FORMATS = ("int8", "int4-g32", "int4-g64", "int4-g128", "int4", "int3-g128", "fp8-e4m3", "nf4-g64")
 SIZE_VARIANTS = ((True, "fp16"), (False, "fp16"), (True, "fp32"), (False, "fp32"))  # (symmetric, scale dtype)
+# Scaled-block formats fix their own scale type, so they come once each, after the variants.
+BLOCK_SIZE_FORMATS = ("mxfp4", "nvfp4", "mxfp6-e2m3", "mxfp8-e4m3", "fp8-block")
 
 
 def size_variants(fmt_names: Sequence[str] = SIZE_FORMATS,
-                  variants: Sequence[tuple[bool, str]] = SIZE_VARIANTS) -> list[QuantFormat]:
-    """Each named format with and without zero-points and with each scale dtype (asym for ints only)."""
+                  variants: Sequence[tuple[bool, str]] = SIZE_VARIANTS,
+                  block_names: Sequence[str] = BLOCK_SIZE_FORMATS) -> list[QuantFormat]:
+    """Each named format with and without zero-points and with each scale dtype (asym for ints only),
+    then each scaled-block format with its own scales."""
     fmts = []
     for name in fmt_names:
         for symmetric, scale_dtype in variants:
             base = QuantFormat.parse(name, scale_dtype=scale_dtype)
             if symmetric or base.kind == "int":
                 fmts.append(replace(base, symmetric=symmetric))
-    return fmts
+    return fmts + [QuantFormat.parse(name) for name in block_names]
 
 
 def _size_row(size: ModelSize, fmt: QuantFormat) -> dict:

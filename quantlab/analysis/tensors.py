@@ -26,6 +26,7 @@ from torch import nn
 from quantlab.models.architectures import conv1d_stored, find_linears, weight_matrix
 from quantlab.errors import FormatError, ModelLoadError
 from quantlab.numerics.formats import FP8_DTYPES, NF4_LEVELS, RANGE_METHODS, Granularity, QuantFormat
+from quantlab.numerics.minifloats import BLOCK_SPECS
 from quantlab.numerics.primitives import (
     ErrorReport,
     QParams,
@@ -181,7 +182,7 @@ def quantize_vector(values: Sequence[float], fmt: QuantFormat, grid_group: int =
     qt = quantize(x, fmt, qparams)
     x_hat = fake_quantize(x, fmt, qparams)
     blocks = to_blocks(x, fmt)  # (1, groups, g)
-    scale = qparams.scale.float().expand_as(blocks).reshape(-1)
+    scale = qparams.working_scale().expand_as(blocks).reshape(-1)
     zero = torch.zeros_like(scale)
     if qparams.zero_point is not None:
         zero = qparams.zero_point.expand_as(blocks).reshape(-1).float()
@@ -232,7 +233,7 @@ def range_summary(results: dict[str, VectorQuantization], fmt: QuantFormat) -> p
 
 def group_table(qparams: QParams, fmt: QuantFormat) -> pd.DataFrame:
     """Per block: its scale, zero-point and the lowest/highest value its grid represents."""
-    scale = qparams.scale.float().reshape(-1)
+    scale = qparams.working_scale().reshape(-1)
     zero = qparams.zero_point.reshape(-1).float() if qparams.zero_point is not None else torch.zeros_like(scale)
     lo_code, hi_code = _code_range(fmt)
     return pd.DataFrame({
@@ -250,18 +251,22 @@ def _code_range(fmt: QuantFormat) -> tuple[float, float]:
         return float(fmt.qmin), float(fmt.qmax)
     if fmt.kind == "nf4":
         return -1.0, 1.0
+    if fmt.is_block_scaled:
+        return -BLOCK_SPECS[fmt.kind].element.max, BLOCK_SPECS[fmt.kind].element.max
     top = float(torch.finfo(FP8_DTYPES[fmt.kind]).max)
     return -top, top
 
 
 def grid_levels(fmt: QuantFormat, qparams: QParams, row: int, group: int) -> np.ndarray:
     """Every value block (row, group) can represent after dequantization, ascending."""
-    scale = qparams.scale.float()[row, group, 0]
+    scale = qparams.working_scale()[row, group, 0]
     if fmt.kind == "int":
         zero = qparams.zero_point[row, group, 0].float() if qparams.zero_point is not None else 0.0
         return ((torch.arange(fmt.qmin, fmt.qmax + 1).float() - zero) * scale).numpy()
     if fmt.kind == "nf4":
         return (torch.tensor(NF4_LEVELS) * scale).numpy()
+    if fmt.is_block_scaled:  # the element's values times this block's working scale
+        return (torch.tensor(BLOCK_SPECS[fmt.kind].element.grid()) * scale).numpy()
     # Every finite float8 value: view all 256 bit patterns as the float8 dtype.
     values = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPES[fmt.kind]).float()
     return (torch.unique(values[torch.isfinite(values)]) * scale).numpy()
@@ -289,7 +294,7 @@ def quantize_weight(W: torch.Tensor, fmt: QuantFormat) -> WeightQuantization:
         error = fake_quantize(Wf, fmt, qparams) - Wf  # (out, in)
         report = error_report(Wf, fmt, qparams)
     bits = fmt.storage(*Wf.shape).bits_per_weight
-    return WeightQuantization(fmt.name, error, qparams.scale.float().reshape(-1).numpy(), qparams, report, bits)
+    return WeightQuantization(fmt.name, error, qparams.working_scale().reshape(-1).numpy(), qparams, report, bits)
 
 
 def histogram(values: torch.Tensor | np.ndarray, bins: int = 80,
@@ -312,7 +317,7 @@ def histogram(values: torch.Tensor | np.ndarray, bins: int = 80,
 
 def pick_block(qparams: QParams, which: str = "largest") -> tuple[int, int]:
     """(row, group) of the block with the largest or the median scale: whose grid to overlay."""
-    scale = qparams.scale.float()[..., 0]  # (rows, groups)
+    scale = qparams.working_scale()[..., 0]  # (rows, groups)
     flat = scale.reshape(-1)
     if which == "largest":
         index = int(flat.argmax())
@@ -380,6 +385,8 @@ def block_values(W: torch.Tensor, fmt: QuantFormat, row: int, group: int) -> tor
 
 def single_block_format(fmt: QuantFormat, n_values: int) -> QuantFormat:
     """``fmt`` with one scale for ``n_values`` values: how one block of a layer is quantized on its own."""
+    if fmt.is_block_scaled:  # a block is a one-block tensor of the format (NVFP4: its own global scale)
+        return fmt
     return replace(fmt, granularity=Granularity("tensor")) if fmt.kind != "nf4" else replace(
         fmt, granularity=Granularity("group", n_values))
 
@@ -396,7 +403,7 @@ def clipping_sweep(x: torch.Tensor, fmt: QuantFormat, ratios: Sequence[float] = 
     rows = []
     for ratio in ratios:
         qp = choose_qparams(xf * ratio, minmax)
-        qp = QParams(qp.scale, qp.zero_point, torch.full_like(qp.clip_ratio, ratio))
+        qp = replace(qp, clip_ratio=torch.full_like(qp.clip_ratio, ratio))
         report = error_report(xf, minmax, qp)
         rows.append({"clip_ratio": ratio, **_report_columns(report)})
     return pd.DataFrame(rows)
@@ -413,7 +420,7 @@ def range_method_table(x: torch.Tensor, fmt: QuantFormat) -> pd.DataFrame:
     """For each range method (min-max, percentile, MSE): mean clip ratio, share clipped, error split."""
     xf = x.detach().float()
     rows = []
-    for method in RANGE_METHODS:
+    for method in RANGE_METHODS if not fmt.is_block_scaled else ("minmax",):  # block scales: min-max only
         method_fmt = replace(fmt, range_method=method)
         qp = choose_qparams(xf, method_fmt)
         report = error_report(xf, method_fmt, qp)

@@ -281,7 +281,7 @@ def load_model(source: str | Path | None = None, device=None, dtype=torch.float3
     try:
         model, info = auto.from_pretrained(
             resolved, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            local_files_only=not download, output_loading_info=True,
+            local_files_only=not download, output_loading_info=True, **_decompress_options(config),
         )
     except pickle.UnpicklingError:  # transformers reads .bin with weights_only=True, as load_pickled does
         raise ModelLoadError(f"refused to load {resolved}: its .bin weights hold Python objects or code, not just "
@@ -294,7 +294,29 @@ def load_model(source: str | Path | None = None, device=None, dtype=torch.float3
     if not find_linears(model):
         raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
     model.eval().requires_grad_(False).to(target)
+    if _decompress_options(config):
+        # compressed-tensors decompresses FP4 weights to bf16 whatever dtype was asked; E2M1 values
+        # times their scales are exact in bf16, so the cast to the asked dtype is too.
+        model.to(torch_dtype)
     return LoadedModel(model, _load_tokenizer(resolved, not download), kind, display_name(source), resolved)
+
+
+FP4_CHECKPOINT_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+
+
+def _decompress_options(config) -> dict:
+    """NVFP4/MXFP4 checkpoints (QuantLab's exports among them) load as dense weights, through the library's
+    decompression: QuantLab quantizes and inspects plain linears."""
+    if _quant_format(config) not in FP4_CHECKPOINT_FORMATS:
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+
+
+def _quant_format(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    return (qc.get("format") if isinstance(qc, dict) else getattr(qc, "format", None)) if qc is not None else None
 
 
 def _load_tokenizer(source: str, local_files_only: bool):

@@ -47,6 +47,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", quantized.qparams.scale)  # (out or 1, groups, 1)
         self.register_buffer("zero_point", quantized.qparams.zero_point)  # same shape, int32, or None
         self.register_buffer("clip_ratio", quantized.qparams.clip_ratio)
+        self.register_buffer("global_scale", quantized.qparams.global_scale)  # NVFP4's per-tensor fp32, or None
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().clone())
         self.register_buffer("in_perm", in_perm)
@@ -55,7 +56,7 @@ class QuantizedLinear(nn.Module):
     @property
     def quantized(self) -> Quantized:
         """The stored weight as a primitives.Quantized (codes in stored column order)."""
-        return Quantized(self.codes, QParams(self.scale, self.zero_point, self.clip_ratio), self.fmt, self.weight_dtype)
+        return Quantized(self.codes, QParams(self.scale, self.zero_point, self.clip_ratio, self.global_scale), self.fmt, self.weight_dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ as (out, in) in the original input order and dtype."""

@@ -33,10 +33,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from quantlab.errors import FormatError
+from quantlab.numerics.minifloats import BLOCK_ALIASES, BLOCK_SPECS
 
 SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP8_DTYPES = {"fp8-e4m3": torch.float8_e4m3fn, "fp8-e5m2": torch.float8_e5m2}
-KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
+# Scaled-block kinds (mxfp4, nvfp4, fp8-block, ...) fix their element type, block and scale type:
+# see quantlab.numerics.minifloats and quantlab.numerics.microscaling.
+KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4") + tuple(BLOCK_SPECS)
 RANGE_METHODS = ("minmax", "percentile", "mse")
 SYMMETRIC_RANGES = ("full", "restricted")
 
@@ -109,7 +112,7 @@ NF4_LEVELS = (
 class QuantFormat:
     """One quantization format. Validated on construction; ``parse`` reads names like ``int4-g128``."""
 
-    kind: str = "int"  # "int" | "fp8-e4m3" | "fp8-e5m2" | "nf4"
+    kind: str = "int"  # "int" | "fp8-e4m3" | "fp8-e5m2" | "nf4" | a scaled-block kind (BLOCK_SPECS)
     n_bits: int = 8  # integer width 2..8; fixed at 8 for FP8 and 4 for NF4
     symmetric: bool = True  # asymmetric adds an integer zero-point per scale (ints only)
     granularity: Granularity = field(default_factory=Granularity)
@@ -121,7 +124,11 @@ class QuantFormat:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise FormatError(f"unknown format {self.kind!r}; use int2..int8, fp8-e4m3, fp8-e5m2 or nf4")
+            raise FormatError(f"unknown format {self.kind!r}; use int2..int8, fp8-e4m3, fp8-e5m2, nf4, "
+                              f"{', '.join(BLOCK_SPECS)}")
+        if self.is_block_scaled:
+            self._check_block_scaled()
+            return
         expected = {"nf4": 4, "fp8-e4m3": 8, "fp8-e5m2": 8}.get(self.kind)
         if expected is not None and self.n_bits != expected:
             raise FormatError(f"{self.kind} has {expected} bits, not {self.n_bits}")
@@ -141,6 +148,21 @@ class QuantFormat:
             raise FormatError(f"symmetric range must be one of {SYMMETRIC_RANGES}, got {self.symmetric_range!r}")
         if self.restricted and not (self.kind == "int" and self.symmetric):
             raise FormatError("the restricted range applies to symmetric integers only; drop -restricted")
+
+    def _check_block_scaled(self) -> None:
+        """A scaled-block kind admits exactly its own element width, block, scale type and min-max scales."""
+        spec = BLOCK_SPECS[self.kind]
+        expected = {"n_bits": spec.element.n_bits, "symmetric": True, "granularity": Granularity("group", spec.group_size),
+                    "scale_dtype": spec.scale, "range_method": "minmax"}
+        for name, value in expected.items():
+            if getattr(self, name) != value:
+                raise FormatError(f"{self.kind} fixes {name} to {value!r}, got {getattr(self, name)!r}; "
+                                  f"use QuantFormat.parse({self.kind!r})")
+
+    @property
+    def is_block_scaled(self) -> bool:
+        """MX, NVFP4 and FP8-block formats: minifloat elements with one stored scale per block."""
+        return self.kind in BLOCK_SPECS
 
     # --- integer grid -------------------------------------------------------------------
     @property
@@ -172,7 +194,7 @@ class QuantFormat:
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
+        return BLOCK_SPECS[self.kind].scale_torch_dtype if self.is_block_scaled else SCALE_DTYPES[self.scale_dtype]
 
     @property
     def has_zero_point(self) -> bool:
@@ -181,6 +203,8 @@ class QuantFormat:
     # --- names --------------------------------------------------------------------------
     @property
     def name(self) -> str:
+        if self.is_block_scaled:
+            return self.kind  # the block is part of the format (mxfp4: 32, nvfp4: 16)
         base = f"int{self.n_bits}" if self.kind == "int" else self.kind
         parts = [base, self.granularity.label]
         if self.has_zero_point:
@@ -201,16 +225,19 @@ class QuantFormat:
         """
         match = re.fullmatch(
             # ASCII digits, bounded: \d also takes other scripts' digits, and int() refuses 4300+ of them.
-            r"(int(?P<bits>[0-9]{1,3})|(?P<kind>fp8-e4m3|fp8-e5m2|nf4))"
+            r"(int(?P<bits>[0-9]{1,3})|(?P<kind>fp8-e4m3|fp8-e5m2|nf4|fp8-block|nvfp4|mxfp[468](-e[0-9]m[0-9])?))"
             r"(-(?P<gran>g(?P<gs>[0-9]{1,9})|per-channel|per-tensor|channel|tensor))?(?P<asym>-asym)?(?P<restricted>-restricted)?",
             text.strip().lower(),
         )
         if not match:
             raise FormatError(
                 f"cannot read format {text!r}; examples: int8, int4-g128, int3-g64-asym, int4-g128-restricted, "
-                "fp8-e4m3, nf4-g64"
+                "fp8-e4m3, nf4-g64, mxfp4, nvfp4, fp8-block"
             )
         kind = match["kind"] or "int"
+        if kind.startswith("mx") or kind in BLOCK_SPECS:
+            fmt = _block_scaled_format(BLOCK_ALIASES.get(kind, kind), text, bool(match["gran"] or match["asym"] or match["restricted"]))
+            return replace(fmt, **overrides) if overrides else fmt
         n_bits = int(match["bits"]) if match["bits"] else {"nf4": 4}.get(kind, 8)
         gran_text = match["gran"] or ("g64" if kind == "nf4" else "per-channel")
         if gran_text.startswith("g"):
@@ -232,6 +259,8 @@ class QuantFormat:
         Integer codes are packed densely (``ceil(numel * bits / 8)`` bytes), as ``pack`` does;
         zero-points are packed at ``n_bits`` each; scales take their dtype's width.
         """
+        if self.is_block_scaled:
+            return _block_scaled_storage(self, out_features, in_features)
         n_scales = 1 if self.granularity.kind == "tensor" else out_features * self.scales_per_row(in_features)
         numel = out_features * in_features
         scale_bytes = n_scales * torch.tensor([], dtype=self.torch_scale_dtype).element_size()
@@ -263,3 +292,25 @@ class StorageBreakdown:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.total_bytes / self.numel if self.numel else 0.0
+
+
+def _block_scaled_format(kind: str, text: str, has_suffix: bool) -> QuantFormat:
+    if kind not in BLOCK_SPECS:
+        raise FormatError(f"cannot read format {text!r}; the scaled-block formats are {', '.join(BLOCK_SPECS)}")
+    if has_suffix:
+        raise FormatError(f"{kind} has a fixed block and is symmetric; write just {kind!r}")
+    spec = BLOCK_SPECS[kind]
+    return QuantFormat(kind=kind, n_bits=spec.element.n_bits, granularity=Granularity("group", spec.group_size),
+                       scale_dtype=spec.scale)
+
+
+def _block_scaled_storage(fmt: QuantFormat, out_features: int, in_features: int) -> StorageBreakdown:
+    """Codes at the element width, one 8- or 32-bit scale per block (or tile), NVFP4's fp32 per tensor.
+
+    MXFP4: 4 + 8/32 = 4.25 bits per weight; NVFP4: 4 + 8/16 + 32/numel; FP8 block: 8 + 32/16384.
+    """
+    spec = BLOCK_SPECS[fmt.kind]
+    fmt.granularity.check_divides(in_features)
+    numel = out_features * in_features
+    scale_bytes = spec.n_scales(out_features, in_features) * spec.scale_bits // 8 + (4 if spec.global_scale else 0)
+    return StorageBreakdown(numel, math.ceil(numel * fmt.n_bits / 8), scale_bytes, 0)

@@ -26,6 +26,7 @@ import torch
 
 from quantlab.errors import FormatError
 from quantlab.numerics.formats import FP8_DTYPES, QuantFormat
+from quantlab.numerics.minifloats import BLOCK_SPECS
 from quantlab.numerics.primitives import QParams, Quantized
 
 PACK_WIDTHS = tuple(range(2, 9))
@@ -130,7 +131,7 @@ def unpack_int32(words: torch.Tensor, n_bits: int, cols: int) -> torch.Tensor:
 def to_unsigned(codes: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """``quantize``'s codes as uint8 ready to pack: symmetric ints offset by 2^(n_bits-1), asymmetric
     ints and NF4 indices as they are, FP8 as the bytes of its float8 values."""
-    if fmt.kind in FP8_DTYPES:
+    if fmt.kind in FP8_DTYPES or codes.dtype.is_floating_point:  # FP8, MXFP8 and FP8 block: their bytes
         return codes.view(torch.uint8)
     if fmt.kind == "int" and fmt.symmetric:
         return (codes.to(torch.int16) + 2 ** (fmt.n_bits - 1)).to(torch.uint8)
@@ -141,6 +142,8 @@ def from_unsigned(codes: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """The inverse of ``to_unsigned``: int8 (symmetric ints), uint8 (asymmetric ints, NF4) or float8."""
     if fmt.kind in FP8_DTYPES:
         return codes.view(FP8_DTYPES[fmt.kind])
+    if fmt.is_block_scaled and BLOCK_SPECS[fmt.kind].element.torch_dtype is not None:
+        return codes.view(BLOCK_SPECS[fmt.kind].element.torch_dtype)
     if fmt.kind == "int" and fmt.symmetric:
         return (codes.to(torch.int16) - 2 ** (fmt.n_bits - 1)).to(torch.int8)
     return codes.to(torch.uint8)
@@ -154,11 +157,12 @@ class PackedWeight:
     """
 
     codes: torch.Tensor  # uint8 1-D, ceil(numel * n_bits / 8) bytes (FP8: its float8 bytes)
-    scale: torch.Tensor  # (rows, groups) in the format's scale dtype
+    scale: torch.Tensor  # (rows, groups) in the format's scale dtype; (row tiles, groups) for FP8 block
     zero_point: torch.Tensor | None  # uint8 1-D, zero-points packed at n_bits; None when symmetric
     shape: tuple[int, ...]  # of the original weight
     fmt: QuantFormat
     dtype: torch.dtype = torch.float32  # the original weight's dtype, restored on dequantize
+    global_scale: torch.Tensor | None = None  # (1,) fp32: NVFP4's per-tensor scale
 
     def __post_init__(self) -> None:
         numel = math.prod(self.shape)
@@ -172,7 +176,7 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.codes, self.scale] + ([self.zero_point] if self.zero_point is not None else [])
+        tensors = [t for t in (self.codes, self.scale, self.zero_point, self.global_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -181,6 +185,8 @@ class PackedWeight:
         tensors = {f"{prefix}.weight_packed": self.codes, f"{prefix}.weight_scale": self.scale}
         if self.zero_point is not None:
             tensors[f"{prefix}.weight_zero_point"] = self.zero_point
+        if self.global_scale is not None:
+            tensors[f"{prefix}.weight_global_scale"] = self.global_scale
         return {name: t.contiguous() for name, t in tensors.items()}
 
     @classmethod
@@ -189,7 +195,7 @@ class PackedWeight:
         """The inverse of ``to_tensors`` given the shape and format kept in the metadata."""
         zero_point = tensors.get(f"{prefix}.weight_zero_point")
         return cls(tensors[f"{prefix}.weight_packed"], tensors[f"{prefix}.weight_scale"], zero_point,
-                   tuple(shape), fmt, dtype)
+                   tuple(shape), fmt, dtype, tensors.get(f"{prefix}.weight_global_scale"))
 
 
 def pack_quantized(qt: Quantized) -> PackedWeight:
@@ -198,7 +204,10 @@ def pack_quantized(qt: Quantized) -> PackedWeight:
     codes = pack(to_unsigned(qt.codes, fmt), fmt.n_bits)
     scale = qparams.scale.to(fmt.torch_scale_dtype).reshape(qparams.scale.shape[0], -1)  # (rows, groups)
     zero_point = None if qparams.zero_point is None else pack(qparams.zero_point, fmt.n_bits)
-    return PackedWeight(codes, scale, zero_point, tuple(qt.codes.shape), fmt, qt.dtype)
+    global_scale = None if qparams.global_scale is None else qparams.global_scale.reshape(1)
+    if fmt.is_block_scaled:
+        scale = scale[:: BLOCK_SPECS[fmt.kind].tile_rows]  # one scale per tile: (row tiles, groups)
+    return PackedWeight(codes, scale, zero_point, tuple(qt.codes.shape), fmt, qt.dtype, global_scale)
 
 
 def unpack_to_quantized(pw: PackedWeight) -> Quantized:
@@ -206,9 +215,13 @@ def unpack_to_quantized(pw: PackedWeight) -> Quantized:
     fmt = pw.fmt
     codes = from_unsigned(unpack(pw.codes, fmt.n_bits, math.prod(pw.shape)), fmt).reshape(pw.shape)
     scale = pw.scale.reshape(*pw.scale.shape, 1)  # (rows, groups, 1)
+    if fmt.is_block_scaled and BLOCK_SPECS[fmt.kind].tile_rows > 1:
+        rows = codes.reshape(-1, codes.shape[-1]).shape[0]
+        scale = scale.repeat_interleave(BLOCK_SPECS[fmt.kind].tile_rows, dim=0)[:rows]
     zero_point = None
     if pw.zero_point is not None:
         zero_point = unpack(pw.zero_point, fmt.n_bits, scale.numel()).to(torch.int32).reshape(scale.shape)
     # NaN: the clip ratio of the search that chose these scales is unknown after a round trip.
     clip_ratio = torch.full(scale.shape, float("nan"), device=scale.device)
-    return Quantized(codes, QParams(scale, zero_point, clip_ratio), fmt, pw.dtype)
+    global_scale = None if pw.global_scale is None else pw.global_scale.reshape(1, 1, 1)
+    return Quantized(codes, QParams(scale, zero_point, clip_ratio, global_scale), fmt, pw.dtype)

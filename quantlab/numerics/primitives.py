@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import torch
 
-from quantlab.numerics import kernels
+from quantlab.numerics import kernels, microscaling
 from quantlab.errors import FormatError, QuantizationError
 from quantlab.numerics.formats import FP8_DTYPES, NF4_LEVELS, QuantFormat
 
@@ -53,6 +53,12 @@ class QParams:
     scale: torch.Tensor  # stored dtype of the format (fp16/bf16/fp32)
     zero_point: torch.Tensor | None  # int32 in [0, 2^b - 1]; None when symmetric
     clip_ratio: torch.Tensor  # fp32, the fraction of the min-max range kept (1 = no clipping)
+    global_scale: torch.Tensor | None = None  # (1, 1, 1) fp32 second-level scale (NVFP4); None otherwise
+
+    def working_scale(self) -> torch.Tensor:
+        """The fp32 divisor the codes use: the stored scale, over the global scale when there is one."""
+        scale = self.scale.float()
+        return scale if self.global_scale is None else scale / self.global_scale
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ def _grid_max(fmt: QuantFormat) -> float:
         return fmt.symmetric_divisor
     if fmt.kind == "nf4":
         return 1.0
+    if fmt.is_block_scaled:
+        return microscaling.spec_of(fmt).element.max
     return float(torch.finfo(FP8_DTYPES[fmt.kind]).max)
 
 
@@ -178,6 +186,9 @@ def choose_qparams(x: torch.Tensor, fmt: QuantFormat) -> QParams:
 
 def _qparams_of_blocks(blocks: torch.Tensor, fmt: QuantFormat) -> tuple[QParams, torch.Tensor]:
     """``choose_qparams`` on fp32 blocks (rows, groups, g); also the scale as fp32, ready to use."""
+    if fmt.is_block_scaled:
+        stored, working, global_scale = microscaling.choose_block_scales(blocks, fmt)
+        return QParams(stored, None, torch.ones_like(working), global_scale), working
     lo, hi = _block_range(blocks, fmt)
     if fmt.range_method == "mse":
         ratio = _mse_search(blocks, lo, hi, fmt)
@@ -210,6 +221,8 @@ def _nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat):
     """Codes for fp32 blocks with fp32 scale: ints as integer-valued fp32, NF4 as int32 index, FP8 as float8."""
+    if fmt.is_block_scaled:
+        return microscaling.encode(blocks, scale, fmt)
     if fmt.kind == "int":
         return kernels.run(kernels.int_codes, blocks, scale, zero_point, fmt.qmin, fmt.qmax)
     if fmt.kind == "nf4":
@@ -220,6 +233,8 @@ def _encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
 
 def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: QuantFormat):
     """fp32 values of stored codes (int8/uint8 ints, uint8 NF4 indices or float8)."""
+    if fmt.is_block_scaled:
+        return microscaling.decode(codes, scale, fmt)
     if fmt.kind == "int":
         return kernels.int_values(codes.float(), scale, zero_point)
     if fmt.kind == "nf4":
@@ -229,6 +244,8 @@ def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
 
 def _fake_blocks(blocks, scale, zero_point, fmt) -> torch.Tensor:
     """decode(encode(blocks)) in one fused kernel where that pays (see quantlab.numerics.kernels)."""
+    if fmt.is_block_scaled:
+        return microscaling.fake(blocks, scale, fmt)
     if fmt.kind == "int":
         return kernels.run(kernels.fake_int, blocks, scale, zero_point, fmt.qmin, fmt.qmax)
     if fmt.kind == "nf4":
@@ -249,7 +266,7 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = None) 
     elif torch.isnan(blocks).any():
         raise QuantizationError("tensor has NaN values, which have no code; fix or drop them before quantizing")
     else:
-        scale = qparams.scale.float()
+        scale = qparams.working_scale()
     codes = _encode(blocks, scale, qparams.zero_point, fmt)
     if fmt.kind == "int":
         codes = codes.to(torch.int8 if fmt.symmetric else torch.uint8)
@@ -261,7 +278,7 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = None) 
 def dequantize(qt: Quantized) -> torch.Tensor:
     """Values on the grid, in the original dtype and shape."""
     codes = to_blocks_codes(qt)
-    values = _decode(codes, qt.qparams.scale.float(), qt.qparams.zero_point, qt.fmt)
+    values = _decode(codes, qt.qparams.working_scale(), qt.qparams.zero_point, qt.fmt)
     return values.reshape(qt.codes.shape).to(qt.dtype)
 
 
@@ -283,7 +300,7 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = N
     NaN stays NaN and out-of-range values (Inf included) clamp to the grid's ends.
     """
     blocks = to_blocks(x, fmt)  # fp32: a copy for fp16/bf16 input, made once for both steps
-    qparams, scale = _qparams_of_blocks(blocks, fmt) if qparams is None else (qparams, qparams.scale.float())
+    qparams, scale = _qparams_of_blocks(blocks, fmt) if qparams is None else (qparams, qparams.working_scale())
     out = _fake_blocks(blocks, scale, qparams.zero_point, fmt)
     return out.reshape(x.shape).to(x.dtype)
 
@@ -291,7 +308,7 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, qparams: QParams | None = N
 def clipped_mask(x: torch.Tensor, fmt: QuantFormat, qparams: QParams) -> torch.Tensor:
     """True where the clamp to the representable range was active, in ``x``'s shape."""
     blocks = to_blocks(x, fmt)
-    scaled = blocks / qparams.scale.float()
+    scaled = blocks / qparams.working_scale()
     if fmt.kind == "int":
         shifted = torch.round(scaled) + (qparams.zero_point if qparams.zero_point is not None else 0)
         mask = (shifted < fmt.qmin) | (shifted > fmt.qmax)

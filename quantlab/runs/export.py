@@ -1,5 +1,8 @@
 """Export a weight-quantized model as a compressed-tensors ``pack-quantized`` checkpoint.
 
+(NVFP4 and MXFP4 runs go to ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` instead, through the
+library's own compressors: :mod:`quantlab.runs.blockexport`.)
+
 vLLM and transformers (through the compressed-tensors library) load this format. Per quantized
 linear ``NAME`` the folder holds::
 
@@ -52,6 +55,7 @@ from quantlab.errors import FormatError
 from quantlab.numerics.formats import SCALE_DTYPES, Granularity, QuantFormat
 from quantlab.numerics.primitives import QParams, Quantized
 from quantlab.models.quantized import QuantizedLinear
+from quantlab.runs.blockexport import block_layer_tensors, block_quantization_config, check_exportable
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ def export_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None,
     quantized = _quantized_modules(model)
     fmt = _common_format(quantized)
     ignored = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
-    config = _quantization_config(fmt, ignored)
+    config = block_quantization_config(fmt, ignored) if fmt.is_block_scaled else _quantization_config(fmt, ignored)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
@@ -133,9 +137,11 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
     if not found:
         raise FormatError("the model has no quantized linear layers; export the model a quantization run returns")
     for name, module in found.items():
-        if module.fmt.kind != "int":
+        if module.fmt.is_block_scaled:
+            check_exportable(name, module.fmt)
+        elif module.fmt.kind != "int":
             raise FormatError(f"{name} is {module.fmt.name}; pack-quantized holds integer formats "
-                              "(int2..int8), not FP8 or NF4")
+                              "(int2..int8), and nvfp4-/mxfp4-pack-quantized NVFP4 and MXFP4; not FP8 or NF4")
         if module.input_scale is not None:
             raise FormatError(f"{name} divides its input by smoothing scales that were not folded into the "
                               "op before it, and pack-quantized has no place for them; use a method or "
@@ -149,7 +155,7 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
 def _common_format(quantized: dict[str, QuantizedLinear]) -> QuantFormat:
     """The one weight format of the run: a single config group describes every layer."""
     def key(fmt: QuantFormat):
-        return fmt.n_bits, fmt.symmetric, fmt.granularity, fmt.symmetric_range
+        return fmt.kind, fmt.n_bits, fmt.symmetric, fmt.granularity, fmt.symmetric_range
 
     formats = {key(m.fmt): m.fmt for m in quantized.values()}
     if len(formats) > 1:
@@ -230,7 +236,7 @@ def _write_weights(model: nn.Module, quantized: dict[str, QuantizedLinear], fold
 
     tensors = _full_precision_tensors(model, quantized)
     for name, module in quantized.items():
-        tensors.update(layer_tensors(name, module))
+        tensors.update(block_layer_tensors(name, module) if module.fmt.is_block_scaled else layer_tensors(name, module))
     tensors = {k: v.cpu() for k, v in tensors.items()}
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():

@@ -25,6 +25,7 @@ from torch import nn
 
 from quantlab.recipe import CalibConfig, QuantConfig, RunResult, parse_config_name
 from quantlab.models.architectures import ModelStructure, describe, weight_matrix
+from quantlab.algorithms.rotation import rotate_model
 from quantlab.calibrate import distributed
 from quantlab.calibrate.runner import calibration_set, run_blocks
 from quantlab.device import release_memory
@@ -164,13 +165,14 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
         calib_ids = session.calibration_ids(config.calib)  # built once per session and set: timed apart
         calib_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    source = rotate_model(loaded.model) if config.rotate else loaded.model  # a rotated copy: same function
     if config.method != "fp":
-        run = run_blocks(loaded.model, calib_ids, _processor(config.method), config, structure=loaded.structure,
+        run = run_blocks(source, calib_ids, _processor(config.method), config, structure=loaded.structure,
                          progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}"))
         model, layers, searches = run.model, tuple(run.layers), run.searches
     model = _apply_kv(model, config)
     seconds = time.perf_counter() - start
-    bits, total_bytes = _size(loaded.model, config, loaded.structure)
+    bits, total_bytes = _size(source, config, loaded.structure)  # rotation unties the head: it is counted
     quality = {}
     if evaluate_quality:
         report(0.8, f"{config.name}: evaluating")

@@ -262,6 +262,9 @@ def _write_config(model: nn.Module, config, folder: Path, fmt: QuantFormat) -> N
 
 def range_description(fmt: QuantFormat) -> dict:
     """What ``quantization_config.quantlab`` records: the format, its integer range and its scale rule."""
+    if fmt.is_block_scaled:  # minifloat elements: no integer range; the block scale rule is the format's own
+        return {"weight_format": fmt.name, "symmetric_range": None, "codes": None,
+                "scale": f"one {fmt.scale_dtype} scale per block", "scale_dtype": fmt.scale_dtype}
     if fmt.symmetric:
         rule = f"absmax / {fmt.symmetric_divisor:g}"
     else:

@@ -32,7 +32,7 @@ TARGET_S = 1.0
 
 def _playground_actions(page) -> dict:
     main = page.locator('[data-testid="stMainBlockContainer"]')
-    bits = main.locator('[role="slider"]').first
+    bits = main.locator('[data-testid="stSlider"] input[type="range"]').first  # react-aria's thumb input
     return {
         "bits +1": lambda: (bits.focus(), bits.press("ArrowRight")),
         "bits -1": lambda: (bits.focus(), bits.press("ArrowLeft")),

@@ -142,18 +142,16 @@ def tradeoff_charts(table: pd.DataFrame, metric: str, recommendation, prefix: st
     """Quality against bits and against size (error bars: ± 1 SE), and KL divergence when measured."""
     highlight = recommendation.config if recommendation else None
     lower = run_tables.lower_is_better(metric)
-    left, right = st.columns(2)
-    left.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", metric, f"{metric} vs bits per weight",
-                                            error=f"{metric}_se", highlight=highlight), key=f"{prefix}_bits",
-                      width="content")
+    # One above the other, full width: side by side, each plot area would be too narrow to name its points.
+    st.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", metric, f"{metric} vs bits per weight",
+                                          error=f"{metric}_se", highlight=highlight), key=f"{prefix}_bits")
     by_size = table.assign(pareto=run_tables.pareto_front(table, "size_mib", metric, lower))
-    right.plotly_chart(plots.tradeoff_figure(by_size, "size_mib", metric, f"{metric} vs model size (MiB)",
-                                             error=f"{metric}_se", highlight=highlight), key=f"{prefix}_size",
-                       width="content")
+    st.plotly_chart(plots.tradeoff_figure(by_size, "size_mib", metric, f"{metric} vs model size (MiB)",
+                                          error=f"{metric}_se", highlight=highlight), key=f"{prefix}_size")
     if table["kl_divergence"].notna().any():
         st.plotly_chart(plots.tradeoff_figure(table, "bits_per_weight", "kl_divergence",
                                               "KL divergence from full precision vs bits per weight", front=None,
-                                              highlight=highlight), key=f"{prefix}_kl", width="content")
+                                              highlight=highlight), key=f"{prefix}_kl")
         st.caption("KL divergence: how far the quantized model's next-token distribution moved from the "
                    "full-precision one, averaged over the evaluation tokens (0 = identical).")
 

@@ -192,7 +192,8 @@ def test_tradeoff_figure_names_every_point_without_overlap():
     assert len({m.color for m in rtn}) == 1 and len({m.symbol for m in rtn}) == 3  # g64 and g128 told apart
     assert len({trace.marker.color for trace in points}) == 3  # fp, rtn, gptq
     assert all(list(trace.error_y.array) == [0.3] for trace in points)
-    assert any(trace.name == "recommended: rtn-int4-g64" for trace in figure.data)
+    ringed = next(trace for trace in figure.data if trace.name == "recommended")
+    assert list(ringed.x) == [4.25]  # rtn-int4-g64
     assert figure.layout.xaxis.type == "log" and figure.layout.xaxis.title.text == "bits per weight"
     front = next(trace for trace in figure.data if trace.name == "Pareto front")
     assert list(front.x) == [4.125, 4.25, 8.0, 16.0]

@@ -173,12 +173,14 @@ METHOD_COLORS = {"fp": "#000000", "rtn": "#0072B2", "gptq": "#D55E00", "awq": "#
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "triangle-down", "pentagon", "hexagon", "star", "cross", "x")
 AXIS_TITLES = {"bits_per_weight": "bits per weight", "size_mib": "size (MiB)", "kl_divergence": "KL divergence (nats)",
                "perplexity": "perplexity", "fidelity": "fidelity (mean cosine)"}
-# Label placement works in pixels of the plot area, which tradeoff_figure fixes (a figure of fixed size, the
-# legend in a fixed right margin): a 11 px font is ~6.5 px a character and 15 px a line. Candidate spots around
-# a point, tried in order: above, below, right, left, corners.
-TRADEOFF_SIZE = (620, 460)  # figure width, height in px
-TRADEOFF_MARGIN = dict(l=70, r=250, t=50, b=60)  # the right margin holds the legend, one configuration a line
-PLOT_PX = (0.95 * (TRADEOFF_SIZE[0] - 70 - 250), 0.95 * (TRADEOFF_SIZE[1] - 50 - 60))  # 5 % to spare
+# Label placement works in pixels of the plot area. tradeoff_figure fixes its height and margins (the legend in
+# a fixed right margin, margins never grow); its width follows the page, and labels are placed for the
+# narrowest plot area expected (a full-width chart on a 1024 px screen): wider only spreads them further apart.
+# A 11 px font is ~6.5 px a character and 15 px a line. Spots around a point, in order: above, below, right,
+# left, corners.
+TRADEOFF_HEIGHT = 460
+TRADEOFF_MARGIN = dict(l=70, r=250, t=50, b=60, autoexpand=False)  # the right margin: one configuration a line
+PLOT_PX = (420.0, 0.95 * (TRADEOFF_HEIGHT - 50 - 60))
 CHAR_PX, LINE_PX, MARKER_PX = 6.5, 15.0, 14.0
 LABEL_SPOTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1))
 
@@ -256,7 +258,7 @@ def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str 
         ))
     if highlight is not None and (table["config"] == highlight).any():
         chosen = table[table["config"] == highlight]
-        fig.add_trace(go.Scatter(x=chosen[x], y=chosen[y], mode="markers", name=f"recommended: {highlight}",
+        fig.add_trace(go.Scatter(x=chosen[x], y=chosen[y], mode="markers", name="recommended",
                                  marker=dict(size=24, symbol="circle-open", color="#f08c00", line=dict(width=3)),
                                  hoverinfo="skip"))
     if on_front.any():
@@ -267,8 +269,8 @@ def tradeoff_figure(table: pd.DataFrame, x: str, y: str, title: str, front: str 
     fig.update_yaxes(type="log" if log_y else "linear", tickformat=".4~g")
     fig.update_xaxes(type="log", tickvals=BIT_TICKS if x == "bits_per_weight" else _log_ticks(table[x]),
                      tickformat=".4~g")
-    fig = _layout(fig, title, axis_title(x), axis_title(y), height=TRADEOFF_SIZE[1])
-    fig.update_layout(width=TRADEOFF_SIZE[0], margin=TRADEOFF_MARGIN,
+    fig = _layout(fig, title, axis_title(x), axis_title(y), height=TRADEOFF_HEIGHT)
+    fig.update_layout(margin=TRADEOFF_MARGIN,
                       legend=dict(orientation="v", x=1.02, y=1, font=dict(size=11)))
     fig.update_xaxes(automargin=False)
     fig.update_yaxes(automargin=False)  # a margin that grows would shrink the area the labels were placed in

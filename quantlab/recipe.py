@@ -290,11 +290,12 @@ class RunResult:
     seconds: float  # quantization wall time (evaluation excluded)
     quality: dict = field(default_factory=dict)  # perplexity / fidelity, kl, top1_agreement, ...
     searches: dict = field(default_factory=dict)  # AWQ/SmoothQuant search data, by layer or block
+    source_warnings: tuple[str, ...] = ()  # about the model it started from (e.g. a pre-quantized checkpoint)
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What a user must know about the run: layers whose every weight rounded to zero."""
-        return tuple(
+        """What a user must know about the run: its source, and layers whose every weight rounded to zero."""
+        return self.source_warnings + tuple(
             f"every weight of {layer.name} rounded to 0 (relative error {layer.weight_error:.2f}): its values "
             "are below the smallest scale the format can store"
             for layer in self.layers if layer.weight_error >= ZEROED_LAYER_ERROR
@@ -310,6 +311,7 @@ class RunResult:
             "quality": jsonable(self.quality),
             "layers": [layer.to_dict() for layer in self.layers],
             "searches": jsonable(self.searches),
+            "source_warnings": list(self.source_warnings),
         }
 
     @classmethod
@@ -319,6 +321,7 @@ class RunResult:
             layers=tuple(LayerResult(**layer) for layer in data.get("layers", [])),
             bits_per_weight=data["bits_per_weight"], total_bytes=data["total_bytes"], seconds=data["seconds"],
             quality=data.get("quality", {}), searches=data.get("searches", {}),
+            source_warnings=tuple(data.get("source_warnings", ())),
         )
 
 

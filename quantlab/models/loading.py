@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from quantlab.models.architectures import ARCHITECTURES, ModelStructure, describe, find_linears
 from quantlab.device import resolve_device
 from quantlab.errors import ModelLoadError
+from quantlab.models.prequantized import StoredQuantization, check_supported, fill_dequantized, quantization_config
 from quantlab.models.sizing import LayerSize, ModelSize, model_size, reference_size
 from quantlab.models.weightfiles import (
     PICKLE_SUFFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, TensorInfo, TensorListing, dtype_name, list_files,
@@ -125,6 +126,7 @@ class LoadedModel:
     kind: str  # "causal" | "encoder"
     name: str  # for display: bundled name, hub id or folder name
     source: str  # the resolved folder or hub id it was loaded from
+    stored: StoredQuantization | None = None  # set for a pre-quantized checkpoint (weights dequantized)
 
     def __post_init__(self) -> None:
         if self.kind not in ("causal", "encoder"):
@@ -245,15 +247,44 @@ def _prepare(source: str | Path | None) -> tuple[str, bool]:
 
 def load_model(source: str | Path | None = None, device=None, dtype=torch.float32,
                trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM or encoder from a bundled name, folder or hub id (default: the bundled LM)."""
+    """Load a causal LM or encoder from a bundled name, folder or hub id (default: the bundled LM).
+
+    A pre-quantized checkpoint (compressed-tensors, GPTQ, AWQ) opens with its stored codes
+    dequantized into the full-precision architecture (see :mod:`quantlab.models.prequantized`).
+    """
     torch_dtype = _torch_dtype(dtype)
     target = resolve_device(device if device is None else str(device))
     resolved, download = _prepare(source)
     config = _load_config(resolved, trust_remote_code, not download)
-    kind = model_kind(config)
-    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
+    qconfig = quantization_config(config)
+    if qconfig is not None:
+        check_supported(qconfig)  # an unreadable format is one line before any weight is read
+        del config.quantization_config  # build the plain architecture; its quantized weights are filled below
+    model, info = _from_pretrained(resolved, config, torch_dtype, trust_remote_code, download, quiet=qconfig is not None)
+    stored = fill_dequantized(model, resolved, qconfig) if qconfig is not None else None
+    filled = {f"{name}.weight" for name in stored.layers} if stored else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - filled)
+    if missing:
+        log.warning("%s: %d weights missing from the checkpoint were initialised at random: %s",
+                    resolved, len(missing), missing[:5])
+    if not find_linears(model):
+        raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
+    model.eval().requires_grad_(False).to(target)
+    return LoadedModel(model, _load_tokenizer(resolved, not download), model_kind(config), display_name(source),
+                       resolved, stored)
+
+
+def _from_pretrained(resolved: str, config, torch_dtype, trust_remote_code: bool, download: bool, quiet: bool):
+    """transformers' loader with its errors as ModelLoadError; ``quiet`` hides its missing/unexpected-key
+    report (for a pre-quantized checkpoint every quantized layer is in it, by design)."""
+    from transformers.utils import logging as transformers_logging
+
+    auto = AutoModelForCausalLM if model_kind(config) == "causal" else AutoModel
+    verbosity = transformers_logging.get_verbosity()
+    if quiet:
+        transformers_logging.set_verbosity_error()
     try:
-        model, info = auto.from_pretrained(
+        return auto.from_pretrained(
             resolved, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
             local_files_only=not download, output_loading_info=True,
         )
@@ -262,13 +293,8 @@ def load_model(source: str | Path | None = None, device=None, dtype=torch.float3
                              "tensors; convert them to safetensors from a trusted environment") from None
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(f"cannot load the weights of {resolved}: {_first_line(exc)}") from None
-    if info.get("missing_keys"):
-        log.warning("%s: %d weights missing from the checkpoint were initialised at random: %s",
-                    resolved, len(info["missing_keys"]), sorted(info["missing_keys"])[:5])
-    if not find_linears(model):
-        raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
-    model.eval().requires_grad_(False).to(target)
-    return LoadedModel(model, _load_tokenizer(resolved, not download), kind, display_name(source), resolved)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _load_tokenizer(source: str, local_files_only: bool):

@@ -171,7 +171,15 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     report(1.0, f"{config.name}: done")
     log.info("%s: %.1f s, %.2f bits/weight, quality %s", config.name, seconds, bits,
              {k: v for k, v in quality.items() if isinstance(v, float)})
-    return model, RunResult(config, layers, bits, total_bytes, seconds, quality, searches)
+    return model, RunResult(config, layers, bits, total_bytes, seconds, quality, searches, _source_warnings(loaded))
+
+
+def _source_warnings(loaded) -> tuple[str, ...]:
+    stored = getattr(loaded, "stored", None)
+    if stored is None:
+        return ()
+    return (f"{loaded.name} is pre-quantized ({stored.description}): this run starts from its dequantized "
+            "weights, so its error adds to the checkpoint's own",)
 
 
 def sweep_configs(names: Sequence[str] | None = None, calib: CalibConfig | None = None) -> list[QuantConfig]:

@@ -16,6 +16,7 @@ Every cache key starts with ``results_key()``: the model choice and the loaded o
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -41,6 +42,7 @@ BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
 HUB_LABEL = "Hugging Face hub id (needs network)"
 FOLDER_LABEL = "Local model folder"
 UPLOAD_LABEL = "Upload .safetensors"
+LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
 MODEL_CHOICES = (BUNDLED_LM_LABEL, BUNDLED_ENCODER_LABEL, HUB_LABEL, FOLDER_LABEL, UPLOAD_LABEL)
 FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4")
 GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -133,16 +135,17 @@ class ModelChoice:
     weights_path: str | None = None  # an uploaded safetensors file in the session folder
     device: str = "cpu"
     trust_remote_code: bool = False
+    dtype: str = "auto"  # what the weights are loaded in; auto is the checkpoint's own
 
     @property
     def key(self) -> str:
         """Identifies the chosen weights (an upload's path already holds its content hash)."""
-        return f"{self.source or self.weights_path}@{self.device}"
+        return f"{self.source or self.weights_path}@{self.device}/{self.dtype}"
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def cached_model(source: str, device: str, trust_remote_code: bool = False) -> models.LoadedModel:
-    return models.load_model(source, device=device, trust_remote_code=trust_remote_code)
+def cached_model(source: str, device: str, trust_remote_code: bool = False, dtype: str = "auto") -> models.LoadedModel:
+    return models.load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Reading the weights file…")
@@ -160,7 +163,7 @@ def current_model() -> models.LoadedModel | None:
     if choice is None or choice.source is None:
         return None
     with user_errors():
-        return cached_model(choice.source, choice.device, choice.trust_remote_code)
+        return cached_model(choice.source, choice.device, choice.trust_remote_code, choice.dtype)
 
 
 def results_key() -> str:
@@ -218,7 +221,11 @@ def sidebar() -> None:
         label = st.selectbox("Model", MODEL_CHOICES, key="sb_model", label_visibility="collapsed")
         device = st.selectbox("Device", available_devices(), key="sb_device",
                               help="CUDA when a GPU is present, else the CPU.")
-        st.session_state["_model_choice"] = _model_source(label, device)
+        dtype = st.selectbox("Load dtype", LOAD_DTYPES, key="sb_dtype",
+                             help="auto keeps the checkpoint's dtype (bf16 checkpoints stay bf16: half of fp32's "
+                                  "memory); error statistics, Hessians and scale searches run in fp32 either way.")
+        choice = _model_source(label, device)
+        st.session_state["_model_choice"] = None if choice is None else dataclasses.replace(choice, dtype=dtype)
         st.subheader("Quantization format")
         st.session_state["_format"] = _format_widgets()
 

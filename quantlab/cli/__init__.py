@@ -43,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: what the weights are loaded in (the fp32 numerics of each layer are not affected)."""
+    parser.add_argument("--dtype", default="auto", type=str.lower,
+                        choices=LOAD_DTYPES + ("bfloat16", "float16", "float32"),
+                        help="load the weights in this dtype (default auto: the checkpoint's own, e.g. bf16)")
+
+
 def emit(result: dict, as_json: bool, text: str) -> None:
     """Print ``result`` as JSON with --json, else the human-readable ``text``."""
     print(json.dumps(result, indent=2, default=str) if as_json else text)

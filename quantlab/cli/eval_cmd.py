@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli import emit
+from quantlab.cli import add_dtype_option, emit
 from quantlab.evaluation import SOURCES, EvalConfig, FidelityResult, PerplexityResult, evaluate, load_text
 from quantlab.cli.size_cmd import BUNDLED_LM
 
@@ -23,8 +23,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: automatic)")
     parser.add_argument("--sentences", type=int, default=128, help="sentences for an encoder's fidelity")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                        help="compute dtype (default: float32; bfloat16 runs under autocast)")
+    add_dtype_option(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -33,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.models.loading import load_model  # here, not at the top: --help need not import transformers
 
     config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                        dtype=args.dtype, n_sentences=args.sentences)
+                        n_sentences=args.sentences)
     text = load_text(args.text)  # before the model: a bad text source fails at once
-    loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.kind, text, config)
     payload = {"model": loaded.name, "kind": loaded.kind, "text": str(args.text)} | result.to_dict()
     emit(payload, args.json, describe(loaded.name, str(args.text), result))

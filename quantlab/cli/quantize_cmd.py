@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from quantlab.cli import emit
+from quantlab.cli import add_dtype_option, emit
 from quantlab.cli.size_cmd import BUNDLED_LM, FORMATS, format_from_args
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant")
@@ -46,6 +46,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default=None, help="evaluation text: heldout (default), a .txt file or wikitext2")
     parser.add_argument("--max-eval-tokens", type=int, default=None, help="cap on evaluation tokens")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_dtype_option(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
 
 
@@ -79,7 +80,7 @@ def load_source(args: argparse.Namespace):
     from quantlab.evaluation import load_text
     from quantlab.models.loading import load_model
 
-    loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     text = load_text(args.text) if args.text else None
     return loaded, text
 

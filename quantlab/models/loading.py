@@ -143,12 +143,18 @@ def copy_model(loaded: LoadedModel) -> LoadedModel:
     return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
 
 
-def _torch_dtype(dtype) -> torch.dtype:
+def _torch_dtype(dtype, config=None) -> torch.dtype:
+    """The dtype to load in; ``"auto"`` (or None) is the checkpoint's own float dtype, fp32 when it names none."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        stored = getattr(config, "dtype", None) if config is not None else None
+        if isinstance(stored, str):
+            stored = DTYPES.get(stored.lower())
+        return stored if stored in DTYPES.values() else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ModelLoadError(f"cannot load a model in {dtype}; use fp32, fp16 or bf16")
+    raise ModelLoadError(f"cannot load a model in {dtype}; use auto, fp32, fp16 or bf16")
 
 
 def _is_local(source: str) -> bool:
@@ -245,17 +251,22 @@ def _prepare(source: str | Path | None) -> tuple[str, bool]:
     return resolved, check_hub_id(resolved)
 
 
-def load_model(source: str | Path | None = None, device=None, dtype=torch.float32,
+def load_model(source: str | Path | None = None, device=None, dtype="auto",
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM or encoder from a bundled name, folder or hub id (default: the bundled LM).
+
+    ``dtype`` "auto" keeps the checkpoint's dtype (a bf16 checkpoint stays bf16: half the memory of
+    fp32, and the numerics that need fp32 cast each layer's weights and statistics themselves).
 
     A pre-quantized checkpoint (compressed-tensors, GPTQ, AWQ) opens with its stored codes
     dequantized into the full-precision architecture (see :mod:`quantlab.models.prequantized`).
     """
-    torch_dtype = _torch_dtype(dtype)
+    if dtype is not None and not (isinstance(dtype, str) and dtype.lower() == "auto"):
+        _torch_dtype(dtype)  # a bad dtype is reported before anything is read
     target = resolve_device(device if device is None else str(device))
     resolved, download = _prepare(source)
     config = _load_config(resolved, trust_remote_code, not download)
+    torch_dtype = _torch_dtype(dtype, config)
     qconfig = quantization_config(config)
     if qconfig is not None:
         check_supported(qconfig)  # an unreadable format is one line before any weight is read

@@ -26,7 +26,7 @@ from quantlab.recipe import CalibConfig, parse_config_name
 from quantlab.runs.export import export_compressed
 from quantlab.runs.pipeline import quantize_model
 
-EVAL = EvalConfig(max_tokens=2048)
+EVAL = EvalConfig(max_tokens=1024)
 
 
 def perplexity(model, loaded) -> float:
@@ -35,7 +35,7 @@ def perplexity(model, loaded) -> float:
 
 @pytest.mark.parametrize("name", ["rtn-int4-g64", "gptq-int4-g64-asym", "int8-asym"])
 def test_export_then_eval_gives_the_in_memory_perplexity(bundled_lm, tmp_path, name):
-    config = parse_config_name(name, calib=CalibConfig(n_samples=4, seq_len=64))
+    config = parse_config_name(name, calib=CalibConfig(n_samples=2, seq_len=64))
     model, _ = quantize_model(bundled_lm, config, evaluate_quality=False)
     in_memory = perplexity(model, bundled_lm)
     export_compressed(model, tmp_path / "export", bundled_lm.tokenizer)
@@ -50,10 +50,11 @@ def test_export_then_eval_gives_the_in_memory_perplexity(bundled_lm, tmp_path, n
 
 
 def test_quantizing_a_prequantized_model_warns(bundled_lm, tmp_path):
-    model, _ = quantize_model(bundled_lm, parse_config_name("int4-g64"), evaluate_quality=False)
+    calib = CalibConfig(n_samples=2, seq_len=32)
+    model, _ = quantize_model(bundled_lm, parse_config_name("int4-g64", calib=calib), evaluate_quality=False)
     export_compressed(model, tmp_path / "export", bundled_lm.tokenizer)
     reopened = load_model(tmp_path / "export", device="cpu")
-    _, result = quantize_model(reopened, parse_config_name("int8"), evaluate_quality=False)
+    _, result = quantize_model(reopened, parse_config_name("int8", calib=calib), evaluate_quality=False)
     assert any("pre-quantized" in w and "dequantized" in w for w in result.warnings)
     assert copy_model(reopened).stored == reopened.stored
 

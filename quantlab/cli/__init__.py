@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except QuantLabError as exc:
         print(f"quantlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("quantlab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: one line (after any progress bar), no traceback; exports are atomic
+        newline = "\n" if sys.stderr.isatty() else ""
+        print(f"{newline}quantlab {args.command}: interrupted (Ctrl-C); stopped, no partial export left",
+              file=sys.stderr)
         return 130

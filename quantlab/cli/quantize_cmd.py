@@ -39,8 +39,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared with ``sweep``: calibration, evaluation, device."""
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 32, 128 for large models)")
-    parser.add_argument("--calib-len", type=int, default=None, help="tokens per window (default: 256, 2048 for large models)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 32; for models over 50M parameters 16 on a CPU, 128 on a GPU)")
+    parser.add_argument("--calib-len", type=int, default=None, help="tokens per window (default: 256; for models over 50M parameters 512 on a CPU, 2048 on a GPU)")
     parser.add_argument("--calib-source", default="train", help="train (bundled text), heldout, a .txt file or wikitext2")
     parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     parser.add_argument("--text", default=None, help="evaluation text: heldout (default), a .txt file or wikitext2")
@@ -95,6 +95,23 @@ def stderr_progress(fraction: float, message: str) -> None:
     sys.stderr.flush()
 
 
+def line_progress(fraction: float, message: str) -> None:
+    """Progress as one line per step, for a long run whose stderr is a log file, not a terminal."""
+    print(f"quantlab: {100 * fraction:5.1f}% {message}", file=sys.stderr, flush=True)
+
+
+def announce(loaded, config) -> bool:
+    """Say on stderr what a long run (a model over 50M parameters) will do; True when it did."""
+    from quantlab.recipe import LARGE_MODEL_PARAMS
+    from quantlab.runs.pipeline import plan_run
+
+    if config.method == "fp" or sum(p.numel() for p in loaded.model.parameters()) < LARGE_MODEL_PARAMS:
+        return False
+    print(f"quantlab: {plan_run(loaded, config).describe()}; after block 1 (the probe) each step shows "
+          "s/block and the time left; Ctrl-C stops", file=sys.stderr, flush=True)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from quantlab.runs.pipeline import quantize_model
 
@@ -104,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
         from quantlab.runs.export import check_output_folder
 
         check_output_folder(Path(args.out))
-    model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() else None, text,
-                                   args.max_eval_tokens)
+    long_run = announce(loaded, config)
+    progress = stderr_progress if sys.stderr.isatty() else (line_progress if long_run else None)
+    model, result = quantize_model(loaded, config, progress, text, args.max_eval_tokens)
     document = summary(result)
     for warning in result.warnings:  # stderr, so that --json output stays one document
         print(f"quantlab quantize: warning: {warning}", file=sys.stderr)

@@ -31,6 +31,7 @@ from quantlab.errors import FormatError, QuantizationError
 from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text, model_context_length
 from quantlab.numerics.primitives import check_format_fits
 from quantlab.models.sizing import model_size
+from quantlab.runs.progress import BlockClock, RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,13 @@ def _apply_kv(model: nn.Module, config: QuantConfig) -> nn.Module:
     return kv_quantized_view(model, config.kv)  # new module objects, shared weights
 
 
+def plan_run(loaded, config: QuantConfig) -> RunPlan:
+    """What ``quantize_model(loaded, config)`` will run: calibration tokens, blocks, linears, device."""
+    device = next(loaded.model.parameters()).device.type
+    return RunPlan(config.name, config.calib.n_samples, config.calib.seq_len, max(loaded.structure.n_blocks, 1),
+                   len(loaded.structure.linears), device)
+
+
 def check_config_fits(model: nn.Module, config: QuantConfig, structure: ModelStructure | None = None) -> None:
     """Fail before any work when ``config`` cannot run on ``model``.
 
@@ -156,10 +164,12 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     start = time.perf_counter()
     model, layers, searches = loaded.model, (), {}
     if config.method != "fp":
+        log.info("%s", plan_run(loaded, config).describe())
         report(0.0, f"{config.name}: calibration set")
         calib_ids = session.calibration_ids(config.calib)
+        clock = BlockClock(max(loaded.structure.n_blocks, 1))  # block 1 is the probe for the time left
         run = run_blocks(loaded.model, calib_ids, _processor(config.method), config, structure=loaded.structure,
-                         progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}"))
+                         progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}{clock.note(f)}"))
         model, layers, searches = run.model, tuple(run.layers), run.searches
     model = _apply_kv(model, config)
     seconds = time.perf_counter() - start

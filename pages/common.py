@@ -40,7 +40,7 @@ from quantlab.models.weightfiles import describe_skipped
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
 BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
 HUB_LABEL = "Hugging Face hub id (needs network)"
-FOLDER_LABEL = "Local model folder"
+FOLDER_LABEL = "Local path (folder, .safetensors or shard index)"
 UPLOAD_LABEL = "Upload .safetensors"
 LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
 MODEL_CHOICES = (BUNDLED_LM_LABEL, BUNDLED_ENCODER_LABEL, HUB_LABEL, FOLDER_LABEL, UPLOAD_LABEL)
@@ -150,7 +150,8 @@ def cached_model(source: str, device: str, trust_remote_code: bool = False, dtyp
 
 @st.cache_resource(max_entries=2, show_spinner="Reading the weights file…")
 def cached_file_tensors(path: str) -> dict:
-    return models.load_tensors([path])
+    """A weights file, shard index or folder, memory-mapped: a page reads only the matrices it shows."""
+    return models.map_tensors(path)
 
 
 def model_choice() -> ModelChoice | None:
@@ -244,8 +245,7 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
             st.warning("Remote code will run on this machine with your permissions.")
         return ModelChoice(label, hub_id, device=device, trust_remote_code=trust) if hub_id else None
     if label == FOLDER_LABEL:
-        folder = st.text_input("Folder with config.json and weights", key="sb_folder").strip()
-        return ModelChoice(label, folder, device=device) if folder else None
+        return _local_path_choice(label, device)
     upload = st.file_uploader("Safetensors file", type=["safetensors"], key="sb_upload",
                               help="Weights only: the Model, Weights, Outliers, Clipping and Size pages read it "
                                    "without running a model.")
@@ -256,6 +256,24 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
     except QuantLabError as exc:
         st.error(str(exc))
         return None
+    return ModelChoice(label, None, weights_path=str(path), device=device)
+
+
+def _local_path_choice(label: str, device: str) -> ModelChoice | None:
+    """A folder with config.json runs as a model; a .safetensors file, a shard index or a folder of
+    bare weights opens for the weight pages, memory-mapped."""
+    text = st.text_input("Folder, .safetensors file or *.safetensors.index.json", key="sb_folder",
+                         help="A model folder (config.json + weights, sharded or not) runs as a model; bare "
+                              "weights open for the Model, Weights, Outliers, Clipping and Size pages.").strip()
+    if not text:
+        return None
+    try:
+        path = models.local_path(text)  # the one "may this path be opened" check
+    except QuantLabError as exc:
+        st.error(str(exc))
+        return None
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelChoice(label, str(path), device=device)
     return ModelChoice(label, None, weights_path=str(path), device=device)
 
 

@@ -158,7 +158,8 @@ def row(shape: str, command: str, result: dict, ckpt: int) -> str:
 def in_child(function: str, name: str) -> Path:
     """Build or dump in a child process: this one stays small, so that the measured children, forked
     from it, do not start with its memory counted in their peak RSS."""
-    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import bench_scale as b; print(b.{function}(b.BUILD / {name!r}) if {function!r} == 'dump_calibration' else b.{function}({name!r}))"
+    argument = f"b.BUILD / {name!r}" if function == "dump_calibration" else repr(name)
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import bench_scale as b; print(b.{function}({argument}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:

@@ -39,14 +39,15 @@ from quantlab.models.prequantized import StoredQuantization, check_supported, fi
 from quantlab.models.sizing import LayerSize, ModelSize, model_size, reference_size
 from quantlab.models.weightfiles import (
     PICKLE_SUFFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, TensorInfo, TensorListing, dtype_name, list_files,
-    load_files, map_files, matrix_tensors, natural_key, read_header, skipped_tensors, tensor_info, weight_files,
+    load_files, local_path, map_tensors, matrix_tensors, natural_key, read_header, skipped_tensors, tensor_info,
+    weight_files,
 )
 
 __all__ = [  # the loading API, plus the file and size helpers re-exported so callers need one import
     "BUNDLED_ENCODER", "BUNDLED_LM", "HUB_SUGGESTIONS", "LayerSize", "LoadedModel", "ModelSize", "TensorInfo",
     "TensorListing", "copy_model", "display_name", "hub_offline", "inspect_tensors", "is_bundled",
-    "is_weights_source", "load_model", "local_path", "map_tensors", "load_tensors", "matrix_tensors", "model_kind", "model_size",
-    "model_skeleton", "read_header", "reference_size", "resolve_source", "skipped_tensors", "weight_files",
+    "is_weights_source", "load_model", "local_path", "map_tensors", "load_tensors", "matrix_tensors", "model_kind",
+    "model_size", "model_skeleton", "read_header", "reference_size", "resolve_source", "skipped_tensors", "weight_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,8 @@ def load_model(source: str | Path | None = None, device=None, dtype="auto",
     if qconfig is not None:
         check_supported(qconfig)  # an unreadable format is one line before any weight is read
         del config.quantization_config  # build the plain architecture; its quantized weights are filled below
-    model, info = _from_pretrained(resolved, config, torch_dtype, trust_remote_code, download, quiet=qconfig is not None)
+    model, info = _from_pretrained(resolved, config, torch_dtype, trust_remote_code, download,
+                                   quiet=qconfig is not None)
     stored = fill_dequantized(model, resolved, qconfig) if qconfig is not None else None
     filled = {f"{name}.weight" for name in stored.layers} if stored else set()
     missing = sorted(set(info.get("missing_keys") or ()) - filled)
@@ -394,28 +396,6 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(tensor))
             unique[name] = tensor.detach()
     return unique
-
-
-def local_path(text: str | Path) -> Path:
-    """The one check of "may this local path be opened" for paths a user types (app path box, CLI).
-
-    Today: the path must exist. Operator-configured allowed roots for a shared server belong here,
-    so that every caller gets them at once.
-    """
-    path = Path(str(text).strip()).expanduser()
-    if not str(text).strip() or not path.exists():
-        raise ModelLoadError(f"no such file or folder: {text}; give a model folder, a .safetensors file or a "
-                             "*.safetensors.index.json")
-    return path
-
-
-def map_tensors(source: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a local file, shard index or folder, memory-mapped: each is read when first used.
-
-    What the app's weight pages take for a large checkpoint: listing it reads headers only, and
-    a page that looks at one matrix reads that matrix's pages of the file, not the whole model.
-    """
-    return map_files(weight_files(local_path(source)))
 
 
 def load_tensors(source) -> dict[str, torch.Tensor]:

@@ -285,6 +285,28 @@ def map_files(paths: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def local_path(text: str | Path) -> Path:
+    """The one check of "may this local path be opened" for paths a user types (app path box, CLI).
+
+    Today: the path must exist. Operator-configured allowed roots for a shared server belong here,
+    so that every caller gets them at once.
+    """
+    path = Path(str(text).strip()).expanduser()
+    if not str(text).strip() or not path.exists():
+        raise ModelLoadError(f"no such file or folder: {text}; give a model folder, a .safetensors file or a "
+                             "*.safetensors.index.json")
+    return path
+
+
+def map_tensors(source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local file, shard index or folder, memory-mapped: each is read when first used.
+
+    What the app's weight pages take for a large checkpoint: listing it reads headers only, and
+    a page that looks at one matrix reads that matrix's pages of the file, not the whole model.
+    """
+    return map_files(weight_files(local_path(source)))
+
+
 def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
     return TensorInfo(name, tuple(tensor.shape), dtype_name(tensor.dtype), tensor.numel() * tensor.element_size())
 

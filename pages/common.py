@@ -16,6 +16,7 @@ Every cache key starts with ``results_key()``: the model choice and the loaded o
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -42,8 +43,9 @@ from quantlab.models.weightfiles import describe_skipped
 BUNDLED_LM_LABEL = f"Bundled LM ({models.BUNDLED_LM})"
 BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
 HUB_LABEL = "Hugging Face hub id (needs network)"
-FOLDER_LABEL = "Local model folder"
+FOLDER_LABEL = "Local path (folder, .safetensors or shard index)"
 UPLOAD_LABEL = "Upload .safetensors"
+LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
 MODEL_CHOICES = (BUNDLED_LM_LABEL, BUNDLED_ENCODER_LABEL, HUB_LABEL, FOLDER_LABEL, UPLOAD_LABEL)
 FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4", *BLOCK_SPECS)  # then mxfp4, nvfp4, fp8-block, ...
 GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -101,21 +103,23 @@ class ModelChoice:
     weights_path: str | None = None  # an uploaded safetensors file in the session folder
     device: str = "cpu"
     trust_remote_code: bool = False
+    dtype: str = "auto"  # what the weights are loaded in; auto is the checkpoint's own
 
     @property
     def key(self) -> str:
         """Identifies the chosen weights (an upload's path already holds its content hash)."""
-        return f"{self.source or self.weights_path}@{self.device}"
+        return f"{self.source or self.weights_path}@{self.device}/{self.dtype}"
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def cached_model(source: str, device: str, trust_remote_code: bool = False) -> models.LoadedModel:
-    return models.load_model(source, device=device, trust_remote_code=trust_remote_code)
+def cached_model(source: str, device: str, trust_remote_code: bool = False, dtype: str = "auto") -> models.LoadedModel:
+    return models.load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Reading the weights file…")
 def cached_file_tensors(path: str) -> dict:
-    return models.load_tensors([path])
+    """A weights file, shard index or folder, memory-mapped: a page reads only the matrices it shows."""
+    return models.map_tensors(path)
 
 
 def model_choice() -> ModelChoice | None:
@@ -128,7 +132,7 @@ def current_model() -> models.LoadedModel | None:
     if choice is None or choice.source is None:
         return None
     with user_errors():
-        return cached_model(choice.source, choice.device, choice.trust_remote_code)
+        return cached_model(choice.source, choice.device, choice.trust_remote_code, choice.dtype)
 
 
 def results_key() -> str:
@@ -188,7 +192,11 @@ def sidebar() -> None:
         label = st.selectbox("Model", MODEL_CHOICES, key="sb_model", label_visibility="collapsed")
         device = st.selectbox("Device", available_devices(), key="sb_device",
                               help="CUDA when a GPU is present, else the CPU.")
-        st.session_state["_model_choice"] = _model_source(label, device)
+        dtype = st.selectbox("Load dtype", LOAD_DTYPES, key="sb_dtype",
+                             help="auto keeps the checkpoint's dtype (bf16 checkpoints stay bf16: half of fp32's "
+                                  "memory); error statistics, Hessians and scale searches run in fp32 either way.")
+        choice = _model_source(label, device)
+        st.session_state["_model_choice"] = None if choice is None else dataclasses.replace(choice, dtype=dtype)
         st.subheader("Quantization format")
         st.session_state["_format"] = _format_widgets()
 
@@ -199,22 +207,21 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
     if label == BUNDLED_ENCODER_LABEL:
         return ModelChoice(label, models.BUNDLED_ENCODER, device=device)
     policy = server_policy()
-    if label in (HUB_LABEL, FOLDER_LABEL):
-        if label == HUB_LABEL:
-            st.caption("Suggested (each needs network): " + ", ".join(models.HUB_SUGGESTIONS))
-            text = st.text_input("Hub id", value=models.HUB_SUGGESTIONS[0], key="sb_hub_id").strip()
-        else:
-            text = st.text_input("Folder with config.json and weights", key="sb_folder").strip()
+    if label == HUB_LABEL:
+        st.caption("Suggested (each needs network): " + ", ".join(models.HUB_SUGGESTIONS))
+        text = st.text_input("Hub id", value=models.HUB_SUGGESTIONS[0], key="sb_hub_id").strip()
         if policy.allow_remote_code:  # the operator's decision (README "Security model"), never a visitor's
             st.caption(f"Models may run their own code on this server ({REMOTE_CODE_ENV} is set by its operator).")
         if not text:
             return None
         try:
-            source = allowed_source(text, policy) if label == HUB_LABEL else str(allowed_path(text, policy))
+            source = allowed_source(text, policy)
         except QuantLabError as exc:
             st.error(printable(str(exc)))
             return None
         return ModelChoice(label, source, device=device, trust_remote_code=policy.allow_remote_code)
+    if label == FOLDER_LABEL:
+        return _local_path_choice(label, device, policy)
     upload = st.file_uploader("Safetensors file", type=["safetensors"], key="sb_upload",
                               help="Weights only: the Model, Weights, Outliers, Clipping and Size pages read it "
                                    "without running a model.")
@@ -225,6 +232,24 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
     except QuantLabError as exc:
         st.error(printable(str(exc)))
         return None
+    return ModelChoice(label, None, weights_path=str(path), device=device)
+
+
+def _local_path_choice(label: str, device: str, policy) -> ModelChoice | None:
+    """A folder with config.json runs as a model; a .safetensors file, a shard index or a folder of
+    bare weights opens for the weight pages, memory-mapped."""
+    text = st.text_input("Folder, .safetensors file or *.safetensors.index.json", key="sb_folder",
+                         help="A model folder (config.json + weights, sharded or not) runs as a model; bare "
+                              "weights open for the Model, Weights, Outliers, Clipping and Size pages.").strip()
+    if not text:
+        return None
+    try:
+        path = allowed_path(text, policy)  # the one "may this path be opened" check: the operator's roots
+    except QuantLabError as exc:
+        st.error(printable(str(exc)))  # one message for missing and forbidden paths
+        return None
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelChoice(label, str(path), device=device, trust_remote_code=policy.allow_remote_code)
     return ModelChoice(label, None, weights_path=str(path), device=device)
 
 

@@ -28,7 +28,7 @@ if choice is None:
 fmt = current_format()
 loaded = current_model()
 with user_errors():
-    source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
+    source = loaded if loaded is not None else models.inspect_tensors(choice.weights_path)
     params, fp_bytes, layers, formats, sizes_figure = _tables(results_key(), repr(fmt), source, fmt)
 
 if loaded is not None:

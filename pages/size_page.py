@@ -61,7 +61,7 @@ if choice is None:
     st.stop()
 loaded = current_model()
 with user_errors():
-    source = loaded if loaded is not None else models.inspect_tensors([choice.weights_path])
+    source = loaded if loaded is not None else models.inspect_tensors(choice.weights_path)
     model_sizes, bits_figure = _model_sizes(results_key(), source)
 
 st.subheader(f"This model: {loaded.name if loaded is not None else 'uploaded weights'}")

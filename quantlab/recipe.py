@@ -31,8 +31,10 @@ from quantlab.numerics.formats import Granularity, QuantFormat
 METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant")
 CALIBRATED_METHODS = ("gptq", "awq", "smoothquant")
 KV_FORMATS = ("int8", "int4", "fp8-e4m3")
-# Parameter count above which a model gets the GPTQ paper's calibration set (128 x 2048 tokens).
+# Parameter count from which a model gets the large calibration set of its device (below).
 LARGE_MODEL_PARAMS = 50_000_000
+GPU_LARGE_CALIB = (128, 2048)  # (windows, tokens each): the GPTQ paper's calibration set
+CPU_LARGE_CALIB = (16, 512)  # 8,192 tokens: a 0.5B model's GPTQ in minutes on 2 cores (bench/bench_scale.py)
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,16 @@ class CalibConfig:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **overrides) -> CalibConfig:
-        """Small defaults for small models; 128 x 2048 (GPTQ's choice) for large hub models.
+        """Small defaults for small models; for large ones, sized to the device the model is on.
 
-        The length is capped at the model's context (``max_position_embeddings``).
+        On a GPU, 128 x 2048 (the GPTQ paper's choice); on a CPU, ``CPU_LARGE_CALIB`` (16 x 512), so
+        that GPTQ on a 0.5B-1B model finishes in minutes on a few cores, not hours. The length is
+        capped at the model's context (``max_position_embeddings``).
         """
         n_params = sum(p.numel() for p in model.parameters())
-        n_samples, seq_len = (128, 2048) if n_params >= LARGE_MODEL_PARAMS else (cls.n_samples, cls.seq_len)
+        on_gpu = next(model.parameters()).device.type not in ("cpu", "meta")  # meta: a skeleton, sized as CPU
+        large = GPU_LARGE_CALIB if on_gpu else CPU_LARGE_CALIB
+        n_samples, seq_len = large if n_params >= LARGE_MODEL_PARAMS else (cls.n_samples, cls.seq_len)
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or seq_len
         defaults = {"n_samples": n_samples, "seq_len": min(seq_len, context)}
         return cls(**{**defaults, **overrides})
@@ -310,11 +316,12 @@ class RunResult:
     quality: dict = field(default_factory=dict)  # perplexity / fidelity, kl, top1_agreement, ...
     searches: dict = field(default_factory=dict)  # AWQ/SmoothQuant search data, by layer or block
     calibration_seconds: float = 0.0  # building the calibration set: once per set, shared by the runs that use it
+    source_warnings: tuple[str, ...] = ()  # about the model it started from (e.g. a pre-quantized checkpoint)
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What a user must know about the run: layers whose every weight rounded to zero."""
-        return tuple(
+        """What a user must know about the run: its source, and layers whose every weight rounded to zero."""
+        return self.source_warnings + tuple(
             f"every weight of {layer.name} rounded to 0 (relative error {layer.weight_error:.2f}): its values "
             "are below the smallest scale the format can store"
             for layer in self.layers if layer.weight_error >= ZEROED_LAYER_ERROR
@@ -331,6 +338,7 @@ class RunResult:
             "quality": jsonable(self.quality),
             "layers": [layer.to_dict() for layer in self.layers],
             "searches": jsonable(self.searches),
+            "source_warnings": list(self.source_warnings),
         }
 
     @classmethod
@@ -341,6 +349,7 @@ class RunResult:
             bits_per_weight=data["bits_per_weight"], total_bytes=data["total_bytes"], seconds=data["seconds"],
             quality=data.get("quality", {}), searches=data.get("searches", {}),
             calibration_seconds=data.get("calibration_seconds", 0.0),
+            source_warnings=tuple(data.get("source_warnings", ())),
         )
 
 

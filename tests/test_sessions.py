@@ -85,11 +85,11 @@ def quality_session(names: list[str]) -> AppTest:
 
 
 def test_two_app_sessions_quantizing_at_once_keep_their_results_and_the_cached_model():
-    shared = cached_model(models.BUNDLED_LM, "cpu", False)  # the object every session gets
+    shared = cached_model(models.BUNDLED_LM, "cpu", False, "auto")  # the object every session gets
     before = weights_checksum(shared.model)
     sessions = [quality_session(names) for names in SESSION_CONFIGS]
     in_parallel(*[lambda at=at: at.button(key="q_run").click().run() for at in sessions])
-    assert cached_model(models.BUNDLED_LM, "cpu", False) is shared
+    assert cached_model(models.BUNDLED_LM, "cpu", False, "auto") is shared
     assert weights_checksum(shared.model) == before
     for at, names in zip(sessions, SESSION_CONFIGS):
         assert not at.exception, at.exception

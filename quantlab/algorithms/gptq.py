@@ -31,7 +31,9 @@ to round-to-nearest and says so (a warning, and ``fallback=True`` in the result)
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -137,22 +139,49 @@ def _gptq_loop(W, U, fmt: QuantFormat, params: GPTQParams, fixed: QParams | None
         i2 = min(i1 + block_size, n_cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, b), (b, b)
         Q1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if dynamic_groups and col % gran.group_size == 0:
-                group_params.append(choose_qparams(W1[:, i : i + gran.group_size], col_fmt))
-            if dynamic_groups or qp is None or gran.kind == "group":
-                qp = group_params[-1] if dynamic_groups else _fixed_for_column(col, perm, gran, fixed)
-                round_column = _column_rounder(col_fmt, qp)
-            w = W1[:, i]
-            Q1[:, i] = round_column(w)
-            err = (w - Q1[:, i]) / U1[i, i]
-            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)  # rank-1 update of the batch's later columns
+        # One intra-op thread for the per-column ops: they touch one column (a few thousand values),
+        # where thread hand-offs cost more than the work (10x on a busy 2-core machine); the
+        # batch's matmul below keeps every thread.
+        with _one_thread():
+            for i in range(i2 - i1):
+                col = i1 + i
+                if dynamic_groups and col % gran.group_size == 0:
+                    group_params.append(choose_qparams(W1[:, i : i + gran.group_size], col_fmt))
+                if dynamic_groups or qp is None or gran.kind == "group":
+                    qp = group_params[-1] if dynamic_groups else _fixed_for_column(col, perm, gran, fixed)
+                    round_column = _column_rounder(col_fmt, qp)
+                w = W1[:, i]
+                Q1[:, i] = round_column(w)
+                err = (w - Q1[:, i]) / U1[i, i]
+                W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)  # rank-1 update of the batch's later columns
         Err1 = (W1 - Q1) / torch.diag(U1)  # (out, b)
         rounded[:, i1:i2] = W1
         losses[:, i1:i2] = Err1.pow(2) / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy update of every later column at once
     return rounded, losses, group_params
+
+
+_THREADS_LOCK = threading.Lock()
+_single_threaded = 0  # how many column loops run now; the thread count is restored when the last ends
+_saved_threads = 1
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch's intra-op threads set to 1 while any column loop runs (the setting is process-wide)."""
+    global _single_threaded, _saved_threads
+    with _THREADS_LOCK:
+        if _single_threaded == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_threaded += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _single_threaded -= 1
+            if _single_threaded == 0:
+                torch.set_num_threads(_saved_threads)
 
 
 def _column_rounder(col_fmt: QuantFormat, qp: QParams):

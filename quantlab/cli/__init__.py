@@ -102,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: what the weights are loaded in (the fp32 numerics of each layer are not affected)."""
+    parser.add_argument("--dtype", default="auto", type=str.lower,
+                        choices=LOAD_DTYPES + ("bfloat16", "float16", "float32"),
+                        help="load the weights in this dtype (default auto: the checkpoint's own, e.g. bf16)")
+
+
 def emit(result: dict, as_json: bool, text: str) -> None:
     """Print ``result`` as JSON with --json (ASCII: names are escaped), else the human-readable ``text`` (rank 0 only under torchrun).
 
@@ -189,8 +199,9 @@ def _run(args: argparse.Namespace, held: _HeldWarnings | None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
-        _say("quantlab: interrupted")
+    except KeyboardInterrupt:  # Ctrl-C: one line (after any progress bar), no traceback; exports are atomic
+        newline = "\n" if sys.stderr.isatty() else ""
+        _say(f"{newline}{name}: interrupted (Ctrl-C); stopped, no partial export left")
         return 130
     except OSError as exc:
         if not _is_output_error(exc):

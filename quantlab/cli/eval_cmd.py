@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli import emit, int_option, printable
+from quantlab.cli import add_dtype_option, emit, int_option, printable
 from quantlab.evaluation import SOURCES, EvalConfig, FidelityResult, PerplexityResult, evaluate, load_text
 from quantlab.cli.size_cmd import BUNDLED_LM
 
@@ -30,8 +30,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sentences", type=int_option(1, 100_000), default=128,
                         help="sentences for an encoder's fidelity")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                        help="compute dtype (default: float32; bfloat16 runs under autocast)")
+    add_dtype_option(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -40,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.models.loading import load_model  # here, not at the top: --help need not import transformers
 
     config = EvalConfig(ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                        dtype=args.dtype, n_sentences=args.sentences)
+                        n_sentences=args.sentences)
     # Before the model, so that a bad text fails at once; only as much as --max-tokens can use.
     text = load_text(args.text, max_chars=args.max_tokens * CHARS_PER_TOKEN_READ if args.max_tokens else None)
-    loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.kind, text, config)
     payload = {"model": loaded.name, "kind": loaded.kind, "text": str(args.text)} | result.to_dict()
     emit(payload, args.json, describe(printable(loaded.name), printable(str(args.text)), result))

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from quantlab.cli import emit, float_option, int_option, printable
+from quantlab.cli import add_dtype_option, emit, float_option, int_option, printable
 from quantlab.cli.size_cmd import BUNDLED_LM, FORMATS, format_from_args
 
 log = logging.getLogger("quantlab.cli")
@@ -56,13 +56,16 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared with ``sweep``: calibration, evaluation, device."""
-    parser.add_argument("--calib-samples", type=int_option(-2**31, MAX_CALIB_SAMPLES), default=None, help="calibration windows (default: 32, 128 for large models)")
-    parser.add_argument("--calib-len", type=int_option(-2**31, MAX_CALIB_LEN), default=None, help="tokens per window (default: 256, 2048 for large models)")
+    parser.add_argument("--calib-samples", type=int_option(-2**31, MAX_CALIB_SAMPLES), default=None,
+                        help="calibration windows (default: 32; for models over 50M parameters 16 on a CPU, 128 on a GPU)")
+    parser.add_argument("--calib-len", type=int_option(-2**31, MAX_CALIB_LEN), default=None,
+                        help="tokens per window (default: 256; for models over 50M parameters 512 on a CPU, 2048 on a GPU)")
     parser.add_argument("--calib-source", default="train", help="train (bundled text), heldout, a .txt file or wikitext2")
     parser.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0, help="which calibration windows are drawn")
     parser.add_argument("--text", default=None, help="evaluation text: heldout (default), a .txt file or wikitext2")
     parser.add_argument("--max-eval-tokens", type=int_option(1, MAX_EVAL_TOKENS), default=None, help="cap on evaluation tokens")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_dtype_option(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
 
 
@@ -102,7 +105,7 @@ def load_source(args: argparse.Namespace):
     resolve_device(args.device)  # a bogus --device fails before the model loads
     limit = args.max_eval_tokens * 64 if args.max_eval_tokens else None  # read no more text than it can use
     text = load_text(args.text, max_chars=limit) if args.text else None
-    loaded = load_model(args.source, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     return loaded, text
 
 
@@ -114,6 +117,23 @@ def stderr_progress(fraction: float, message: str) -> None:
     if fraction >= 1.0:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+def line_progress(fraction: float, message: str) -> None:
+    """Progress as one line per step, for a long run whose stderr is a log file, not a terminal."""
+    print(f"quantlab: {100 * fraction:5.1f}% {message}", file=sys.stderr, flush=True)
+
+
+def announce(loaded, config) -> bool:
+    """Say on stderr what a long run (a model over 50M parameters) will do; True when it did."""
+    from quantlab.recipe import LARGE_MODEL_PARAMS
+    from quantlab.runs.pipeline import plan_run
+
+    if config.method == "fp" or sum(p.numel() for p in loaded.model.parameters()) < LARGE_MODEL_PARAMS:
+        return False
+    print(f"quantlab: {plan_run(loaded, config).describe()}; after block 1 (the probe) each step shows "
+          "s/block and the time left; Ctrl-C stops", file=sys.stderr, flush=True)
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_folder(Path(args.out))
     source = is_source_process()  # under torchrun every rank calibrates; rank 0 evaluates and writes
-    model, result = quantize_model(loaded, config, stderr_progress if sys.stderr.isatty() and source else None, text,
-                                   args.max_eval_tokens, evaluate_quality=source)
+    long_run = source and announce(loaded, config)
+    progress = stderr_progress if sys.stderr.isatty() else (line_progress if long_run else None)
+    model, result = quantize_model(loaded, config, progress if source else None, text, args.max_eval_tokens,
+                                   evaluate_quality=source)
     if not source:
         return 0
     document = summary(result)

@@ -95,13 +95,14 @@ class TopKCollector:
 class DivergenceAccumulator:
     """Compares the quantized model's log-probs, batch by batch, with the reference's for the same positions.
 
-    ``reference_batches`` yields, per batch, the reference's log-probs and token ids: (n, k) top-k
-    values and ids from a cache, or (n, V) full log-probs and ``None`` from a paired full-precision
-    pass (exact).
+    ``reference_batches`` gives, per batch, the reference's log-probs and token ids: (n, k) top-k
+    values and ids from a cache (a :class:`CachedBatches`, sliced to each batch's size), or an
+    iterator of (n, V) full log-probs and ``None`` from a paired full-precision pass (exact).
     """
 
     def __init__(self, reference_batches):
-        self.reference_batches = iter(reference_batches)
+        self.reference_batches = reference_batches if isinstance(reference_batches, CachedBatches) \
+            else iter(reference_batches)
         self.kept = 0  # reference tokens per position
         self.vocab_size = 0
         self.kl: list[torch.Tensor] = []
@@ -110,7 +111,10 @@ class DivergenceAccumulator:
         self.mass = 0.0
 
     def update(self, logprobs: torch.Tensor, targets: torch.Tensor) -> None:  # logprobs (n, V) fp32
-        ref_values, ref_indices = next(self.reference_batches)
+        if isinstance(self.reference_batches, CachedBatches):
+            ref_values, ref_indices = self.reference_batches.take(logprobs.shape[0])
+        else:
+            ref_values, ref_indices = next(self.reference_batches)
         ref_values = ref_values.to(logprobs.device)
         if ref_values.shape[0] != logprobs.shape[0]:
             raise FormatError(f"the reference has {ref_values.shape[0]} positions for a batch of {logprobs.shape[0]}")
@@ -138,12 +142,16 @@ class DivergenceAccumulator:
         )
 
 
-def cached_batches(reference: ReferenceLogProbs, batch_sizes):
-    """Slices of a cached reference matching the scored positions of each batch."""
-    offset = 0
-    for n in batch_sizes:
-        yield reference.values[offset : offset + n], reference.indices[offset : offset + n]
-        offset += n
+class CachedBatches:
+    """A cached reference read in stream order, as many positions at a time as each batch scores."""
+
+    def __init__(self, reference: ReferenceLogProbs):
+        self.reference = reference
+        self.offset = 0
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        begin, self.offset = self.offset, self.offset + n
+        return self.reference.values[begin : self.offset], self.reference.indices[begin : self.offset]
 
 
 def full_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:

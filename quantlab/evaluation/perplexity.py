@@ -23,7 +23,7 @@ import torch
 
 from quantlab.evaluation.config import EvalConfig
 from quantlab.evaluation.divergence import (
-    DivergenceAccumulator, DivergenceResult, ReferenceLogProbs, TopKCollector, cached_batches,
+    DivergenceAccumulator, DivergenceResult, ReferenceLogProbs, TopKCollector, CachedBatches,
 )
 from quantlab.evaluation.uncertainty import ratio_mean
 from quantlab.evaluation.scoring import (
@@ -178,9 +178,7 @@ def perplexity(model, tokenizer, text: str, config: EvalConfig | None = None,
         divergence = DivergenceAccumulator((logprobs, None) for logprobs, _ in paired)
     else:
         reference.check_matches(prepared.fingerprint)
-        windows, batch = prepared.windows, prepared.config.batch_size
-        sizes = [sum(w.n_scored for w in windows[i : i + batch]) for i in range(0, len(windows), batch)]
-        divergence = DivergenceAccumulator(cached_batches(reference, sizes))
+        divergence = DivergenceAccumulator(CachedBatches(reference))
     return replace(_run(model, prepared, (divergence,)), divergence=divergence.result())
 
 

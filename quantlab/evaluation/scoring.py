@@ -167,13 +167,47 @@ def compute_dtype_name(model: torch.nn.Module, dtype: str | None) -> str:
     return dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
+# fp32 log-probs of one chunk of scored tokens: (chunk, vocab) x 4 bytes. 64 MB is ~110 tokens of a
+# 151,936-token vocabulary, and a whole 256-token window of the bundled LM's 4,096.
+LOGITS_CHUNK_BYTES = 64 * 2**20
+# Config fields of heads that change the logits after the output projection; such models score
+# through their own forward (whole-window logits) instead of the chunked head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head to apply to chunks of hidden states, or None when the model must score whole windows.
+
+    None when the model has no separate base model and head, or its config names a transform of
+    the logits after the head (soft-capping, scaling) that the chunked path would skip.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Scored tokens per chunk: their fp32 log-probs fit ``LOGITS_CHUNK_BYTES``."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
 def score_windows(model, stream: TokenStream, windows: list[Window],
                   config: EvalConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch of windows: fp32 log-probs at the scored positions (n, V) and the tokens they predict (n,).
+    """Per chunk of scored tokens: fp32 log-probs (n, V) and the tokens they predict (n,).
 
-    Positions come out in stream order, so a consumer can line them up with a cached reference.
+    Chunks come out in stream order, each at most ``chunk_tokens(V)`` positions, so a consumer can
+    line them up with a cached reference, and two models scored on the same windows give chunks of
+    the same sizes. The (window, vocab) logits are never materialised: the base model's hidden
+    states of the scored positions go through the head one chunk at a time.
     """
     device = model_device(model)
+    head = output_head(model)
     for start in range(0, len(windows), config.batch_size):
         batch = windows[start : start + config.batch_size]
         tokens = torch.stack([stream.ids[w.begin : w.end] for w in batch]).to(device)  # (B, L)
@@ -181,11 +215,22 @@ def score_windows(model, stream: TokenStream, windows: list[Window],
         # predictor p (0 <= p < L - 1) scores token p + 1, exactly as lm-eval feeds its windows.
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1) each
         with torch.inference_mode(), compute_context(model, config.dtype):
-            logits = model(input_ids=inputs, use_cache=False).logits  # (B, L-1, V)
+            if head is None:
+                states = model(input_ids=inputs, use_cache=False).logits  # (B, L-1, V)
+            else:
+                states = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state  # (B, L-1, H)
         # A window's last n_scored tokens are predicted by positions p >= L - 1 - n_scored.
         first = torch.tensor([inputs.shape[1] - w.n_scored for w in batch], device=device)  # (B,)
         mask = torch.arange(inputs.shape[1], device=device)[None, :] >= first[:, None]  # (B, L-1)
-        # fp32 log-softmax whatever the compute dtype: bf16 sums over a vocabulary lose ~3 digits.
-        with torch.inference_mode():
-            logprobs = torch.log_softmax(logits[mask].float(), dim=-1)  # (n, V)
-        yield logprobs, targets[mask]
+        rows, picked = states[mask], targets[mask]  # (n, H or V), (n,)
+        del states
+        step = chunk_tokens(getattr(model.config, "vocab_size", None) or 50_000)
+        for begin in range(0, rows.shape[0], step):
+            part = rows[begin : begin + step]
+            if head is not None:
+                with torch.inference_mode(), compute_context(model, config.dtype):
+                    part = head(part)  # (chunk, V)
+            # fp32 log-softmax whatever the compute dtype: bf16 sums over a vocabulary lose ~3 digits.
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(part.float(), dim=-1)  # (chunk, V)
+            yield logprobs, picked[begin : begin + step]  # outside the contexts: the consumer runs in its own

@@ -37,17 +37,19 @@ from quantlab.models.configcheck import check_against_weights, check_config, rea
 from quantlab.models.paths import AccessPolicy, allowed_path, file_kind, printable
 from quantlab.device import resolve_device
 from quantlab.errors import ModelLoadError, is_library_panic
+from quantlab.models.prequantized import StoredQuantization, check_supported, fill_dequantized, quantization_config
 from quantlab.models.sizing import LayerSize, ModelSize, model_size, reference_size
 from quantlab.models.weightfiles import (
     PICKLE_SUFFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, TensorInfo, TensorListing, dtype_name, list_files,
-    load_files, matrix_tensors, natural_key, read_header, skipped_tensors, tensor_info, weight_files,
+    load_files, local_path, map_tensors, matrix_tensors, natural_key, read_header, skipped_tensors, tensor_info,
+    weight_files,
 )
 
 __all__ = [  # the loading API, plus the file and size helpers re-exported so callers need one import
     "BUNDLED_ENCODER", "BUNDLED_LM", "HUB_SUGGESTIONS", "LayerSize", "LoadedModel", "ModelSize", "TensorInfo",
     "TensorListing", "copy_model", "display_name", "hub_offline", "inspect_tensors", "is_bundled",
-    "is_weights_source", "load_model", "load_tensors", "matrix_tensors", "model_kind", "model_size",
-    "model_skeleton", "read_header", "reference_size", "resolve_source", "skipped_tensors", "weight_files",
+    "is_weights_source", "load_model", "local_path", "map_tensors", "load_tensors", "matrix_tensors", "model_kind",
+    "model_size", "model_skeleton", "read_header", "reference_size", "resolve_source", "skipped_tensors", "weight_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ class LoadedModel:
     kind: str  # "causal" | "encoder"
     name: str  # for display: bundled name, hub id or folder name
     source: str  # the resolved folder or hub id it was loaded from
+    stored: StoredQuantization | None = None  # set for a pre-quantized checkpoint (weights dequantized)
 
     def __post_init__(self) -> None:
         if self.kind not in ("causal", "encoder"):
@@ -143,12 +146,18 @@ def copy_model(loaded: LoadedModel) -> LoadedModel:
     return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
 
 
-def _torch_dtype(dtype) -> torch.dtype:
+def _torch_dtype(dtype, config=None) -> torch.dtype:
+    """The dtype to load in; ``"auto"`` (or None) is the checkpoint's own float dtype, fp32 when it names none."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        stored = getattr(config, "dtype", None) if config is not None else None
+        if isinstance(stored, str):
+            stored = DTYPES.get(stored.lower())
+        return stored if stored in DTYPES.values() else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ModelLoadError(f"cannot load a model in {dtype}; use fp32, fp16 or bf16")
+    raise ModelLoadError(f"cannot load a model in {dtype}; use auto, fp32, fp16 or bf16")
 
 
 def _is_local(source: str) -> bool:
@@ -269,17 +278,58 @@ def _prepare(source: str | Path | None) -> tuple[str, bool]:
     return resolved, check_hub_id(resolved)
 
 
-def load_model(source: str | Path | None = None, device=None, dtype=torch.float32,
+def load_model(source: str | Path | None = None, device=None, dtype="auto",
                trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM or encoder from a bundled name, folder or hub id (default: the bundled LM)."""
-    torch_dtype = _torch_dtype(dtype)
+    """Load a causal LM or encoder from a bundled name, folder or hub id (default: the bundled LM).
+
+    ``dtype`` "auto" keeps the checkpoint's dtype (a bf16 checkpoint stays bf16: half the memory of
+    fp32, and the numerics that need fp32 cast each layer's weights and statistics themselves).
+
+    A pre-quantized checkpoint (compressed-tensors, GPTQ, AWQ) opens with its stored codes
+    dequantized into the full-precision architecture (see :mod:`quantlab.models.prequantized`).
+    """
+    if dtype is not None and not (isinstance(dtype, str) and dtype.lower() == "auto"):
+        _torch_dtype(dtype)  # a bad dtype is reported before anything is read
     target = resolve_device(device if device is None else str(device))
     resolved, download = _prepare(source)
     config = _load_config(resolved, trust_remote_code, not download)
-    kind = model_kind(config)
-    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
+    torch_dtype = _torch_dtype(dtype, config)
+    # NVFP4/MXFP4 folders decompress through transformers + compressed-tensors (_decompress_options);
+    # the integer and GPTQ/AWQ formats through QuantLab's own reader (quantlab.models.prequantized).
+    qconfig = None if _decompress_options(config) else quantization_config(config)
+    if qconfig is not None:
+        check_supported(qconfig)  # an unreadable format is one line before any weight is read
+        del config.quantization_config  # build the plain architecture; its quantized weights are filled below
+    model, info = _from_pretrained(resolved, config, torch_dtype, trust_remote_code, download,
+                                   quiet=qconfig is not None)
+    stored = fill_dequantized(model, resolved, qconfig) if qconfig is not None else None
+    filled = {f"{name}.weight" for name in stored.layers} if stored else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - filled)
+    if missing:
+        log.warning("%s: %d weights missing from the checkpoint were initialised at random: %s",
+                    resolved, len(missing), missing[:5])
+    if not find_linears(model):
+        raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
+    model.eval().requires_grad_(False).to(target)
+    if _decompress_options(config):
+        # compressed-tensors decompresses FP4 weights to bf16 whatever dtype was asked; E2M1 values
+        # times their scales are exact in bf16, so the cast to the asked dtype is too.
+        model.to(torch_dtype)
+    return LoadedModel(model, _load_tokenizer(resolved, not download), model_kind(config), display_name(source),
+                       resolved, stored)
+
+
+def _from_pretrained(resolved: str, config, torch_dtype, trust_remote_code: bool, download: bool, quiet: bool):
+    """transformers' loader with its errors as ModelLoadError; ``quiet`` hides its missing/unexpected-key
+    report (for a pre-quantized checkpoint every quantized layer is in it, by design)."""
+    from transformers.utils import logging as transformers_logging
+
+    auto = AutoModelForCausalLM if model_kind(config) == "causal" else AutoModel
+    verbosity = transformers_logging.get_verbosity()
+    if quiet:
+        transformers_logging.set_verbosity_error()
     try:
-        model, info = auto.from_pretrained(
+        return auto.from_pretrained(
             resolved, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
             local_files_only=not download, output_loading_info=True, **_decompress_options(config),
         )
@@ -288,17 +338,8 @@ def load_model(source: str | Path | None = None, device=None, dtype=torch.float3
                              "tensors; convert them to safetensors from a trusted environment") from None
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the weights of {printable(resolved)}: {_first_line(exc)}") from None
-    if info.get("missing_keys"):
-        log.warning("%s: %d weights missing from the checkpoint were initialised at random: %s",
-                    resolved, len(info["missing_keys"]), sorted(info["missing_keys"])[:5])
-    if not find_linears(model):
-        raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
-    model.eval().requires_grad_(False).to(target)
-    if _decompress_options(config):
-        # compressed-tensors decompresses FP4 weights to bf16 whatever dtype was asked; E2M1 values
-        # times their scales are exact in bf16, so the cast to the asked dtype is too.
-        model.to(torch_dtype)
-    return LoadedModel(model, _load_tokenizer(resolved, not download), kind, display_name(source), resolved)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 FP4_CHECKPOINT_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")

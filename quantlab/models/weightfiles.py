@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import pickle
 import re
 import struct
@@ -310,6 +311,62 @@ def load_files(paths: list[Path]) -> dict[str, torch.Tensor]:
         else:
             tensors.update(load_pickled(path))
     return tensors
+
+
+def map_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of a memory map of it: nothing is read until used.
+
+    The header is checked first (``read_header``). The map is private copy-on-write, so a tensor's
+    pages are read from disk only when something touches them, and nothing is ever written back.
+    """
+    path = Path(path)
+    read_header(path)
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+        if path.stat().st_size == 0:
+            return {}
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        begin = 8 + header_len + entry["data_offsets"][0]
+        count = math.prod(shape)
+        tensors[name] = (torch.frombuffer(mapped, dtype=dtype, count=count, offset=begin).reshape(shape)
+                         if count else torch.empty(shape, dtype=dtype))
+    return tensors
+
+
+def map_files(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """``load_files`` without reading: safetensors memory-mapped (``map_file``), pickles loaded."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        tensors.update(map_file(path) if path.suffix in SAFETENSORS_SUFFIXES else load_pickled(path))
+    return tensors
+
+
+def local_path(text: str | Path) -> Path:
+    """The one check of "may this local path be opened" for paths a user types (app path box, CLI).
+
+    Today: the path must exist. Operator-configured allowed roots for a shared server belong here,
+    so that every caller gets them at once.
+    """
+    path = Path(str(text).strip()).expanduser()
+    if not str(text).strip() or not path.exists():
+        raise ModelLoadError(f"no such file or folder: {text}; give a model folder, a .safetensors file or a "
+                             "*.safetensors.index.json")
+    return path
+
+
+def map_tensors(source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local file, shard index or folder, memory-mapped: each is read when first used.
+
+    What the app's weight pages take for a large checkpoint: listing it reads headers only, and
+    a page that looks at one matrix reads that matrix's pages of the file, not the whole model.
+    """
+    return map_files(weight_files(local_path(source)))
 
 
 def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:

@@ -33,6 +33,7 @@ from quantlab.errors import FormatError, QuantizationError
 from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text, model_context_length
 from quantlab.numerics.primitives import check_format_fits
 from quantlab.models.sizing import model_size
+from quantlab.runs.progress import BlockClock, RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,13 @@ def _apply_kv(model: nn.Module, config: QuantConfig) -> nn.Module:
     return kv_quantized_view(model, config.kv)  # new module objects, shared weights
 
 
+def plan_run(loaded, config: QuantConfig) -> RunPlan:
+    """What ``quantize_model(loaded, config)`` will run: calibration tokens, blocks, linears, device."""
+    device = next(loaded.model.parameters()).device.type
+    return RunPlan(config.name, config.calib.n_samples, config.calib.seq_len, max(loaded.structure.n_blocks, 1),
+                   len(loaded.structure.linears), device)
+
+
 def check_config_fits(model: nn.Module, config: QuantConfig, structure: ModelStructure | None = None) -> None:
     """Fail before any work when ``config`` cannot run on ``model``.
 
@@ -160,6 +168,7 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     report = progress or (lambda fraction, message: None)
     model, layers, searches, calib_seconds = loaded.model, (), {}, 0.0
     if config.method != "fp":
+        log.info("%s", plan_run(loaded, config).describe())
         report(0.0, f"{config.name}: calibration set")
         start = time.perf_counter()
         calib_ids = session.calibration_ids(config.calib)  # built once per session and set: timed apart
@@ -167,8 +176,9 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     start = time.perf_counter()
     source = rotate_model(loaded.model) if config.rotate else loaded.model  # a rotated copy: same function
     if config.method != "fp":
+        clock = BlockClock(max(loaded.structure.n_blocks, 1))  # block 1 is the probe for the time left
         run = run_blocks(source, calib_ids, _processor(config.method), config, structure=loaded.structure,
-                         progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}"))
+                         progress=lambda f, m: report(0.8 * f, f"{config.name}: {m}{clock.note(f)}"))
         model, layers, searches = run.model, tuple(run.layers), run.searches
     model = _apply_kv(model, config)
     seconds = time.perf_counter() - start
@@ -180,7 +190,16 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     report(1.0, f"{config.name}: done")
     log.info("%s: %.1f s, %.2f bits/weight, quality %s", config.name, seconds, bits,
              {k: v for k, v in quality.items() if isinstance(v, float)})
-    return model, RunResult(config, layers, bits, total_bytes, seconds, quality, searches, calib_seconds)
+    return model, RunResult(config, layers, bits, total_bytes, seconds, quality, searches, calib_seconds,
+                            _source_warnings(loaded))
+
+
+def _source_warnings(loaded) -> tuple[str, ...]:
+    stored = getattr(loaded, "stored", None)
+    if stored is None:
+        return ()
+    return (f"{loaded.name} is pre-quantized ({stored.description}): this run starts from its dequantized "
+            "weights, so its error adds to the checkpoint's own",)
 
 
 def sweep_configs(names: Sequence[str] | None = None, calib: CalibConfig | None = None) -> list[QuantConfig]:

@@ -94,21 +94,27 @@ class PerplexityResult:
 
 
 class _NllSum:
-    """Total NLL and the NLL of each window; batches arrive as consecutive windows, concatenated."""
+    """Total NLL and the NLL of each window. Batches arrive as consecutive windows, concatenated, and
+    may end inside a window (the LM head is scored in chunks of tokens), so a window's sum is carried over."""
 
     def __init__(self, windows: list[Window]):
         self.sizes = [w.n_scored for w in windows]
         self.per_window: list[float] = []  # Python floats (double): 10^5 token NLLs summed in fp32 lose digits
+        self._partial = 0.0  # NLL so far of the window being filled
+        self._filled = 0  # its tokens so far
 
     def update(self, logprobs, targets) -> None:
         token_nll = -logprobs.gather(1, targets[:, None]).double().squeeze(1)  # (n,)
-        start = len(self.per_window)
-        sizes = self.sizes[start:]
-        taken = 0
-        while taken < token_nll.numel():
-            size = sizes[len(self.per_window) - start]
-            self.per_window.append(float(token_nll[taken : taken + size].sum()))
-            taken += size
+        taken, n = 0, token_nll.numel()
+        while taken < n:
+            size = self.sizes[len(self.per_window)]
+            take = min(size - self._filled, n - taken)
+            self._partial += float(token_nll[taken : taken + take].sum())
+            self._filled += take
+            taken += take
+            if self._filled == size:
+                self.per_window.append(self._partial)
+                self._partial, self._filled = 0.0, 0
 
     @property
     def total(self) -> float:

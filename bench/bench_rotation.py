@@ -9,9 +9,13 @@ same calibration and held-out text, and prints perplexity side by side. Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
+from pathlib import Path
 
-from quantlab.algorithms.rotation import rotate_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from quantlab.algorithms.rotation import rotate_model  # noqa: E402
 from quantlab.models.loading import load_model
 from quantlab.runs.pipeline import run_sweep, sweep_configs
 

@@ -55,8 +55,9 @@ def test_a_visitor_cannot_reach_past_the_operators_settings(tmp_path):
         wait_settled(visitor, "QuantLab")
         _choose(visitor, "Hugging Face hub id (needs network)")
         assert visitor.locator('[data-testid="stCheckbox"]').count() == 0  # no remote-code switch
-        _choose(visitor, "Local model folder")
-        box = visitor.get_by_label("Folder with config.json and weights")
+        _choose(visitor, "Local path (folder, .safetensors or shard index)")
+        label = "Folder, .safetensors file or *.safetensors.index.json"
+        box = visitor.get_by_label(label, exact=True).and_(visitor.get_by_role("textbox"))  # not its help button
         messages = set()
         for path in (secret, tmp_path / "no-such-folder", Path("/etc"), Path("/proc/self/environ")):
             box.fill(str(path))

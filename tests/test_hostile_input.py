@@ -28,7 +28,7 @@ from quantlab.models.paths import AccessPolicy, allowed_path
 from quantlab.models.uploads import UploadSpace
 from quantlab.models.weightfiles import MAX_TENSORS_PER_FILE
 
-FOLDER_LABEL = "Local model folder"
+FOLDER_LABEL = "Local path (folder, .safetensors or shard index)"
 HUB_LABEL = "Hugging Face hub id (needs network)"
 
 

@@ -45,9 +45,10 @@ def test_local_path_refuses_what_does_not_exist(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["index", "shard", "model folder"])
-def test_the_path_box_opens_a_folder_a_file_or_an_index(sharded, which):
+def test_the_path_box_opens_a_folder_a_file_or_an_index(sharded, which, monkeypatch):
     from pages.common import FOLDER_LABEL
 
+    monkeypatch.setenv("QUANTLAB_LOCAL_ROOTS", str(sharded.parent))  # the operator's roots (README "Security model")
     index = sharded / "model.safetensors.index.json"
     shard = sharded / json.loads(index.read_text())["weight_map"]["model.layers.1.mlp.down_proj.weight"]
     path = {"index": index, "shard": shard, "model folder": sharded}[which]

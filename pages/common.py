@@ -30,7 +30,7 @@ import streamlit as st
 
 from quantlab.models import loading as models
 from quantlab.analysis import tensors
-from quantlab.device import available_devices
+from quantlab.device import LOAD_DTYPES, available_devices
 from quantlab.errors import QuantLabError
 from quantlab.numerics.formats import RANGE_METHODS, SCALE_DTYPES, Granularity, QuantFormat
 from pages.uploads import (  # noqa: F401  (SessionFolder: re-exported for the session tests)
@@ -45,7 +45,6 @@ BUNDLED_ENCODER_LABEL = f"Bundled encoder ({models.BUNDLED_ENCODER})"
 HUB_LABEL = "Hugging Face hub id (needs network)"
 FOLDER_LABEL = "Local path (folder, .safetensors or shard index)"
 UPLOAD_LABEL = "Upload .safetensors"
-LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
 MODEL_CHOICES = (BUNDLED_LM_LABEL, BUNDLED_ENCODER_LABEL, HUB_LABEL, FOLDER_LABEL, UPLOAD_LABEL)
 FORMAT_KINDS = ("int", "fp8-e4m3", "fp8-e5m2", "nf4", *BLOCK_SPECS)  # then mxfp4, nvfp4, fp8-block, ...
 GROUP_SIZES = (16, 32, 64, 128, 256)

@@ -1,4 +1,4 @@
-"""Device choice: CUDA when present, else CPU. Never a hard-coded ``cuda:0``."""
+"""Device choice: CUDA when present, else CPU. Never a hard-coded ``cuda:0``. And the dtypes a model may load in."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import gc
 import logging
 
 import torch
+
+LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")  # what a user may ask a model to load in (CLI --dtype, the app)
 
 log = logging.getLogger(__name__)
 

@@ -48,34 +48,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"quantlab: error: {printable(message)} (see --help)\n")
 
 
-def int_option(low: int, high: int):
-    """An argparse ``type``: a whole number in [low, high]; beyond it, argparse's one-line error."""
-    def parse(text: str) -> int:
+def _bounded_option(cast, low, high, what: str, finite_only: bool):
+    """An argparse ``type``: ``cast(text)`` within [low, high]; anything else is argparse's one-line error."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{printable(text)[:40]!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{printable(text)[:40]} is outside {low:,}..{high:,}")
+            raise argparse.ArgumentTypeError(f"{printable(text)[:40]!r} is not a {what}") from None
+        if (finite_only and not math.isfinite(value)) or not low <= value <= high:
+            bounds = f"{low:,}..{high:,}" if cast is int else f"{low}..{high}"
+            raise argparse.ArgumentTypeError(f"{printable(text)[:40]} is outside {bounds}")
         return value
 
-    parse.__name__ = "whole number"  # what argparse names in its own messages
+    parse.__name__ = what  # what argparse names in its own messages
     return parse
+
+
+def int_option(low: int, high: int):
+    """An argparse ``type``: a whole number in [low, high]."""
+    return _bounded_option(int, low, high, "whole number", finite_only=False)
 
 
 def float_option(low: float, high: float):
     """An argparse ``type``: a finite number in [low, high] (NaN and Inf are refused)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{printable(text)[:40]!r} is not a number") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{printable(text)[:40]} is outside {low}..{high}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _bounded_option(float, low, high, "number", finite_only=True)
 
 
 class _HeldWarnings(logging.Handler):
@@ -102,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOAD_DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
 def add_dtype_option(parser: argparse.ArgumentParser) -> None:
     """``--dtype``: what the weights are loaded in (the fp32 numerics of each layer are not affected)."""
+    from quantlab.device import LOAD_DTYPES
     parser.add_argument("--dtype", default="auto", type=str.lower,
                         choices=LOAD_DTYPES + ("bfloat16", "float16", "float32"),
                         help="load the weights in this dtype (default auto: the checkpoint's own, e.g. bf16)")

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import save_file
 import torch
 
-from tests.browser_app import CHROMIUM, EXCEPTION, launch, streamlit_server, wait_settled
+from tests.browser_app import CHROMIUM, EXCEPTION, launch, streamlit_server, timed_interaction, wait_settled
 
 pytestmark = pytest.mark.browser
 SIDEBAR = '[data-testid="stSidebar"]'
@@ -28,6 +28,14 @@ def _choose(page, option: str) -> None:
 
 def _sidebar_alerts(page) -> list[str]:
     return [text.strip() for text in page.locator(f'{SIDEBAR} [data-testid="stAlert"]').all_inner_texts()]
+
+
+def _wait_for_alert_naming(page, text: str, timeout_ms: float = 60_000) -> None:
+    page.wait_for_function(
+        """([sidebar, text]) => [...document.querySelectorAll(sidebar + ' [data-testid="stAlert"]')]
+                 .some(alert => alert.innerText.includes(text))""",
+        arg=[SIDEBAR, text], timeout=timeout_ms,
+    )
 
 
 def _session_folders(tmp: Path) -> list[Path]:
@@ -61,8 +69,8 @@ def test_a_visitor_cannot_reach_past_the_operators_settings(tmp_path):
         messages = set()
         for path in (secret, tmp_path / "no-such-folder", Path("/etc"), Path("/proc/self/environ")):
             box.fill(str(path))
-            box.press("Enter")
-            wait_settled(visitor, "QuantLab")
+            timed_interaction(visitor, lambda: box.press("Enter"))
+            _wait_for_alert_naming(visitor, str(path))  # not the previous path's alert, still on screen
             alerts = _sidebar_alerts(visitor)
             assert len(alerts) == 1 and "cannot open" in alerts[0], alerts
             messages.add(alerts[0].replace(str(path), "PATH"))

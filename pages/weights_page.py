@@ -3,10 +3,12 @@
 import streamlit as st
 
 from pages.common import (
-    cached_view, current_format, current_matrices, download_table, explain, matrix_picker, results_key, user_errors,
+    cached_view, current_format, current_matrices, current_model, download_table, explain, matrix_picker, results_key,
+    user_errors,
 )
 from quantlab.analysis import plots
-from quantlab.analysis import sizes, tensors
+from quantlab.analysis import sizes, stored, tensors
+from quantlab.models.prequantized import stored_layer
 from quantlab.numerics.formats import QuantFormat
 
 
@@ -29,12 +31,46 @@ def _comparison(key: str, layer: str, fmt_reprs: tuple, _W, _fmts) -> tuple:
     return tensors.format_comparison(_W, _fmts), figure
 
 
+@cached_view(spinner="Reading the stored codes…")
+def _stored(key: str, layer: str, _loaded, _weight) -> tuple:
+    view = stored.stored_view(stored_layer(_loaded.source, _loaded.stored.qconfig, layer), _weight)
+    return view, (
+        plots.bar_figure(view.codes, "code", "count", f"{layer}: stored codes ({view.summary['scheme']})",
+                         y_title="weights"),
+        plots.histogram_figure(view.scales, "Stored scales", "scale"),
+    )
+
+
+def _stored_section(layer) -> None:
+    """For a checkpoint that arrived quantized: the layer's codes and scales as the files hold them."""
+    loaded = current_model()
+    if loaded is None or loaded.stored is None or layer.name not in loaded.stored.layers:
+        return
+    st.subheader("As stored in the checkpoint")
+    with user_errors():
+        view, (codes_figure, scales_figure) = _stored(results_key(), layer.name, loaded, layer.weight)
+    summary = view.summary
+    cols = st.columns(3)
+    cols[0].metric("Stored scheme", summary["scheme"])
+    cols[1].metric("Codes used", f"{summary['codes_used']} ({summary['code_min']:g} … {summary['code_max']:g})")
+    cols[2].metric("Scales stored", f"{summary['scales_stored']:,}")
+    left, right = st.columns(2)
+    left.plotly_chart(codes_figure, key="w_stored_codes")
+    right.plotly_chart(scales_figure, key="w_stored_scales")
+    st.caption(f"Read from the files ({loaded.stored.method}, {loaded.stored.layout}), not re-quantized: the model "
+               f"holds (q - z)·s of these codes (largest difference {summary['max_abs_difference']:.2g}, the "
+               "rounding of its dtype). The views below apply the sidebar's format to those dequantized weights, "
+               "a second quantization on top of the stored one.")
+    download_table(view.codes, "stored_codes", key="w_stored_dl")
+
+
 st.title("Weights")
 st.write("Every weight is moved to the nearest value of its group's grid. The histogram shows where the weights "
          "are and where the grid puts them; the error histogram shows what that costs.")
 fmt = current_format()
 matrices = current_matrices()
 layer = matrix_picker(matrices, key="w_layer")
+_stored_section(layer)
 which = st.radio("Overlay the grid of the block with the", ("largest", "median"), horizontal=True, key="w_block",
                  format_func=lambda w: f"{w} scale")
 with user_errors():

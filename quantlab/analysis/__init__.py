@@ -7,4 +7,5 @@ the pages only lay them out.
     sizes       bits per weight and bytes per format, for a model and for 1B/7B/70B references
     outliers    per-channel magnitudes of weights and activations, top-k outliers, kurtosis
     runs        sweep tables, the Pareto front, per-layer errors and sensitivity, generations
+    stored      a pre-quantized checkpoint's layer as stored: the codes it uses and its scales
 """

@@ -30,7 +30,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,6 +77,7 @@ class StoredQuantization:
     layout: str  # "pack-quantized", "int-quantized", ..., "gptq", "gptq_v2", "gemm"
     schemes: tuple[str, ...]  # labels of the weight schemes, e.g. ("int4-g128",)
     layers: tuple[str, ...]  # module names whose weights were read from codes
+    qconfig: dict = field(default_factory=dict, compare=False, repr=False)  # to read a layer's codes again
 
     @property
     def description(self) -> str:
@@ -85,6 +86,29 @@ class StoredQuantization:
     def to_dict(self) -> dict:
         return {"method": self.method, "layout": self.layout, "schemes": list(self.schemes),
                 "layers": len(self.layers)}
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """One stored-quantized linear as the checkpoint holds it: codes on its grid, the scales beside them.
+
+    ``codes`` are the stored integers (or float8 values), unpacked to (out, in); ``scale`` and
+    ``zero`` give each element its own (broadcast) scale and zero-point, so ``weight()`` is the
+    dequantization ``(q - z) * s`` that evaluation uses. ``scales`` keeps the stored tensor, one
+    value per channel / group / block, for the views that show them.
+    """
+
+    name: str
+    scheme: str  # e.g. "int4-g128" or "int4-g128-asym"
+    codes: torch.Tensor  # (out, in) float32 holding the stored codes
+    scale: torch.Tensor  # (out, in) or broadcastable, fp32
+    zero: torch.Tensor | None  # like ``scale``; None for symmetric schemes
+    scales: torch.Tensor  # as stored, fp32
+
+    def weight(self) -> torch.Tensor:
+        """The fp32 (out, in) dequantized weight."""
+        W = self.codes - self.zero if self.zero is not None else self.codes.clone()
+        return W.mul_(self.scale)
 
 
 def quantization_config(config) -> dict | None:
@@ -205,8 +229,8 @@ def _ct_scales(stored: torch.Tensor, shape: tuple[int, int], args: WeightArgs,
     return stored.reshape(out_features, -1)[:, groups]
 
 
-def _ct_weight(tensors: _Tensors, name: str, layout: str, args: WeightArgs) -> torch.Tensor:
-    """One compressed-tensors layer's fp32 (out, in) weight from its stored codes."""
+def _ct_layer(tensors: _Tensors, name: str, layout: str, args: WeightArgs) -> StoredLayer:
+    """One compressed-tensors layer's stored codes, scales and zero-points."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     if layout == "pack-quantized":
@@ -216,14 +240,15 @@ def _ct_weight(tensors: _Tensors, name: str, layout: str, args: WeightArgs) -> t
         codes = tensors.get(f"{name}.weight")
         shape = tuple(codes.shape)
     g_idx = tensors.optional(f"{name}.weight_g_idx")
-    W = codes.float()  # (out, in), codes on the stored grid
-    zero_point = tensors.optional(f"{name}.weight_zero_point")
+    zero_point, zero = tensors.optional(f"{name}.weight_zero_point"), None
     if zero_point is not None and not args.symmetric:
         if layout == "pack-quantized" and zero_point.dtype == torch.int32 and zero_point.numel() > 1:
             groups = zero_point.shape[1]
             zero_point = unpack_from_int32(zero_point, args.num_bits, torch.Size((shape[0], groups)), packed_dim=0)
-        W -= _ct_scales(zero_point, shape, args, g_idx)
-    return W.mul_(_ct_scales(tensors.get(f"{name}.weight_scale"), shape, args, g_idx))
+        zero = _ct_scales(zero_point, shape, args, g_idx)
+    stored_scale = tensors.get(f"{name}.weight_scale")
+    return StoredLayer(name, args.label, codes.float(), _ct_scales(stored_scale, shape, args, g_idx), zero,
+                       stored_scale.float())
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -239,7 +264,7 @@ def _unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return _unpack_rows(packed.t(), bits).t()
 
 
-def _gptq_weight(tensors: _Tensors, name: str, bits: int, group_size: int, v1: bool) -> torch.Tensor:
+def _gptq_layer(tensors: _Tensors, name: str, bits: int, group_size: int, v1: bool, scheme: str) -> StoredLayer:
     q = _unpack_rows(tensors.get(f"{name}.qweight"), bits).float()  # (in, out)
     zeros = _unpack_cols(tensors.get(f"{name}.qzeros"), bits).float()[:, : q.shape[1]]  # (groups, out)
     if v1:  # GPTQ v1 stores z - 1 (an AutoGPTQ convention kept for compatibility)
@@ -249,10 +274,10 @@ def _gptq_weight(tensors: _Tensors, name: str, bits: int, group_size: int, v1: b
     in_features = q.shape[0]
     step = group_size if group_size > 0 else in_features
     groups = g_idx.long() if g_idx is not None else torch.arange(in_features) // step
-    return ((q - zeros[groups]) * scales[groups]).t().contiguous()  # (out, in)
+    return StoredLayer(name, scheme, q.t().contiguous(), scales[groups].t(), zeros[groups].t(), scales.t())
 
 
-def _awq_weight(tensors: _Tensors, name: str, group_size: int) -> torch.Tensor:
+def _awq_layer(tensors: _Tensors, name: str, group_size: int, scheme: str) -> StoredLayer:
     order = torch.tensor(AWQ_ORDER)
 
     def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -263,7 +288,7 @@ def _awq_weight(tensors: _Tensors, name: str, group_size: int) -> torch.Tensor:
     zeros = unpack(tensors.get(f"{name}.qzeros"))  # (groups, out)
     scales = tensors.get(f"{name}.scales").float()  # (groups, out)
     groups = torch.arange(q.shape[0]) // group_size
-    return ((q - zeros[groups]) * scales[groups]).t().contiguous()
+    return StoredLayer(name, scheme, q.t().contiguous(), scales[groups].t(), zeros[groups].t(), scales.t())
 
 
 def _ct_layers(tensors: _Tensors, qconfig: dict) -> Iterator[tuple[str, str, WeightArgs]]:
@@ -281,22 +306,38 @@ def _ct_layers(tensors: _Tensors, qconfig: dict) -> Iterator[tuple[str, str, Wei
         yield stem, *match
 
 
-def dequantized_weights(folder: str | Path, qconfig: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(module name, fp32 (out, in) weight)`` for every stored-quantized linear, one at a time."""
+def stored_layers(folder: str | Path, qconfig: dict, names: set[str] | None = None) -> Iterator[StoredLayer]:
+    """Every stored-quantized linear (or those in ``names``) as stored, one at a time."""
     tensors = _Tensors(_safetensors_files(Path(folder)))
     method = check_supported(qconfig)
     if method == "compressed-tensors":
         for stem, layout, args in _ct_layers(tensors, qconfig):
-            yield stem, _ct_weight(tensors, stem, layout, args)
+            if names is None or stem in names:
+                yield _ct_layer(tensors, stem, layout, args)
         return
     stems = sorted(n.removesuffix(".qweight") for n in tensors.names() if n.endswith(".qweight"))
     group_size = int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))
-    for stem in stems:
+    (scheme,) = describe_stored(qconfig, ()).schemes
+    for stem in (s for s in stems if names is None or s in names):
         if method == "gptq":
             v1 = str(qconfig.get("checkpoint_format", "gptq")).lower() != "gptq_v2"
-            yield stem, _gptq_weight(tensors, stem, int(qconfig["bits"]), group_size, v1)
+            yield _gptq_layer(tensors, stem, int(qconfig["bits"]), group_size, v1, scheme)
         else:
-            yield stem, _awq_weight(tensors, stem, group_size)
+            yield _awq_layer(tensors, stem, group_size, scheme)
+
+
+def stored_layer(folder: str | Path, qconfig: dict, name: str) -> StoredLayer:
+    """One layer's stored codes and scales (for the views that show a checkpoint as stored)."""
+    found = next(stored_layers(folder, qconfig, {name}), None)
+    if found is None:
+        raise ModelLoadError(f"{name} is not stored quantized in this checkpoint")
+    return found
+
+
+def dequantized_weights(folder: str | Path, qconfig: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module name, fp32 (out, in) weight)`` for every stored-quantized linear, one at a time."""
+    for layer in stored_layers(folder, qconfig):
+        yield layer.name, layer.weight()
 
 
 def describe_stored(qconfig: dict, layers: tuple[str, ...]) -> StoredQuantization:
@@ -313,7 +354,7 @@ def describe_stored(qconfig: dict, layers: tuple[str, ...]) -> StoredQuantizatio
     else:
         layout = "gemm"
         schemes = (f"int4-g{qconfig.get('group_size', qconfig.get('q_group_size', 128))}-asym",)
-    return StoredQuantization(method, layout, schemes, layers)
+    return StoredQuantization(method, layout, schemes, layers, dict(qconfig))
 
 
 def local_folder(source: str) -> Path:

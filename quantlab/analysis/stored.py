@@ -1,0 +1,45 @@
+"""A pre-quantized checkpoint's layer as stored: which codes it uses, how often, and its scales.
+
+The Weights page shows this for a checkpoint that arrived quantized (GPTQ, AWQ, compressed-tensors):
+the codes and scales read from the files, not a re-quantization of the dequantized weights. A
+symmetric INT4 layer stored by compressed-tensors uses codes -8..7; a GPTQ/AWQ layer stores
+unsigned codes 0..15 around its zero-points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from quantlab.analysis.tensors import histogram
+from quantlab.models.prequantized import StoredLayer
+
+
+@dataclass(frozen=True)
+class StoredView:
+    """Tables of one stored layer: code counts, the stored scales' histogram, and a summary."""
+
+    codes: pd.DataFrame  # code, count, share: one row per code value the layer uses
+    scales: pd.DataFrame  # histogram of the stored scales (one per channel / group / block)
+    summary: dict  # scheme, codes used, code range, scales stored, max |loaded - dequantized|
+
+
+def stored_view(layer: StoredLayer, loaded_weight: torch.Tensor | None = None) -> StoredView:
+    """``layer``'s code usage and scales; with ``loaded_weight``, how far the model's weight is from
+    the dequantized codes (0, or the rounding of the model's dtype: evaluation scores what is stored)."""
+    values, counts = torch.unique(layer.codes.reshape(-1), return_counts=True)
+    total = int(counts.sum())
+    codes = pd.DataFrame({"code": values.numpy(), "count": counts.numpy().astype(int),
+                          "share": (counts.double() / max(total, 1)).numpy()})
+    summary = {
+        "scheme": layer.scheme,
+        "codes_used": len(values),
+        "code_min": float(values.min()) if len(values) else float("nan"),
+        "code_max": float(values.max()) if len(values) else float("nan"),
+        "scales_stored": int(layer.scales.numel()),
+    }
+    if loaded_weight is not None:
+        summary["max_abs_difference"] = float((loaded_weight.float() - layer.weight()).abs().max())
+    return StoredView(codes, histogram(layer.scales), summary)

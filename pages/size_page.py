@@ -8,7 +8,7 @@ from pages.common import (
 from quantlab.models import loading as models
 from quantlab.analysis import plots
 from quantlab.runs import speed
-from quantlab.analysis import sizes
+from quantlab.analysis import sizes, stored
 
 SPEED_SETTINGS = speed.SpeedSettings(prompt_tokens=64, decode_tokens=16, repeats=3)  # seconds, not minutes
 
@@ -65,6 +65,14 @@ with user_errors():
     model_sizes, bits_figure = _model_sizes(results_key(), source)
 
 st.subheader(f"This model: {loaded.name if loaded is not None else 'uploaded weights'}")
+if loaded is not None and loaded.stored is not None:
+    with user_errors():
+        as_stored = stored.stored_size(loaded)
+    st.markdown(f"**As stored** ({loaded.stored.method}, {loaded.stored.layout}): {as_stored.layers} layers in "
+                f"{as_stored.scheme}, **{as_stored.bits_per_weight:.3f} bits per weight** counted from the files' "
+                f"own tensors (codes, scales, zero-points), {as_stored.file_bytes / 2**20:,.1f} MiB in all. The "
+                "table below re-quantizes the dequantized weights into each format, for comparison.")
+    st.dataframe([as_stored.to_dict()], hide_index=True, width="stretch")
 st.plotly_chart(bits_figure, key="size_bits")
 st.caption("Layers kept in full precision (embeddings, norms, output head) are counted in every total at their "
            "stored size: in a small model they are most of the file.")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from streamlit.testing.v1 import AppTest
 
-from quantlab.analysis.stored import stored_view
+from quantlab.analysis.stored import stored_size, stored_view
 from quantlab.errors import ModelLoadError
 from quantlab.models.loading import load_model
 from quantlab.models.prequantized import stored_layer
@@ -93,3 +93,22 @@ def test_the_weights_page_shows_a_prequantized_layer_as_stored(exported, monkeyp
     used, low, high = re.fullmatch(r"(\d+) \((-?\d+) … (-?\d+)\)", metrics["Codes used"]).groups()
     assert int(used) <= 16 and -8 <= int(low) < int(high) <= 7
     assert any("not re-quantized" in c.value for c in at.caption)
+
+
+def test_the_size_page_counts_a_prequantized_checkpoints_stored_bits(exported, bundled_lm, monkeypatch):
+    from pages.common import FOLDER_LABEL
+
+    folder, _ = exported
+    reopened = load_model(folder, device="cpu")
+    size = stored_size(reopened)
+    assert size.layers == len(bundled_lm.structure.linears)
+    # INT4 g64 with fp16 scales: 4 + 16/64 bits, plus each layer's few bytes of stored shape
+    assert 4.25 <= size.bits_per_weight < 4.26
+    monkeypatch.setenv("QUANTLAB_LOCAL_ROOTS", str(folder.parent))
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    at.selectbox(key="sb_model").set_value(FOLDER_LABEL).run()
+    at.text_input(key="sb_folder").set_value(str(folder)).run()
+    at.switch_page("pages/size_page.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("As stored" in m.value and f"{size.bits_per_weight:.3f} bits per weight" in m.value
+               for m in at.markdown)

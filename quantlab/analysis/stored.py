@@ -9,12 +9,14 @@ unsigned codes 0..15 around its zero-points.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from quantlab.analysis.tensors import histogram
 from quantlab.models.prequantized import StoredLayer
+from quantlab.models.weightfiles import list_files, weight_files
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,32 @@ def stored_view(layer: StoredLayer, loaded_weight: torch.Tensor | None = None) -
     if loaded_weight is not None:
         summary["max_abs_difference"] = float((loaded_weight.float() - layer.weight()).abs().max())
     return StoredView(codes, histogram(layer.scales), summary)
+
+
+@dataclass(frozen=True)
+class StoredSize:
+    """What a pre-quantized checkpoint's files hold, from their headers: no re-quantization."""
+
+    scheme: str  # the stored schemes, e.g. "int4-g128"
+    layers: int  # linears stored quantized
+    weights: int  # their weights
+    layer_bytes: int  # codes + scales + zero-points (+ g_idx, shapes) of those layers, as stored
+    file_bytes: int  # every tensor of the checkpoint
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.layer_bytes / max(self.weights, 1)
+
+    def to_dict(self) -> dict:
+        return {"stored scheme": self.scheme, "quantized layers": self.layers, "quantized weights": self.weights,
+                "their bytes": self.layer_bytes, "bits per weight": round(self.bits_per_weight, 4),
+                "checkpoint bytes": self.file_bytes}
+
+
+def stored_size(loaded) -> StoredSize:
+    """The stored bits of a pre-quantized ``LoadedModel``'s quantized layers, summed from the file headers."""
+    listing = list_files(weight_files(Path(loaded.source)))
+    layers = set(loaded.stored.layers)
+    layer_bytes = sum(t.bytes for t in listing.tensors if t.name.rsplit(".", 1)[0] in layers)
+    weights = sum(loaded.model.get_submodule(name).weight.numel() for name in layers)
+    return StoredSize(", ".join(loaded.stored.schemes), len(layers), weights, layer_bytes, listing.total_bytes)

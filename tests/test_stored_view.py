@@ -76,16 +76,21 @@ def test_a_gptq_checkpoint_shows_unsigned_codes_around_its_zero_points(tiny_mode
     assert stored_view(layer).summary["code_min"] >= 0
 
 
-def test_the_weights_page_shows_a_prequantized_layer_as_stored(exported, monkeypatch):
+def _open_in_app(folder: Path, page: str, monkeypatch) -> AppTest:
+    """The app with ``folder`` chosen in the local-path box (inside the operator's roots), on ``page``."""
     from pages.common import FOLDER_LABEL
 
-    folder, _ = exported
     monkeypatch.setenv("QUANTLAB_LOCAL_ROOTS", str(folder.parent))
     at = AppTest.from_file(APP, default_timeout=300).run()
     at.selectbox(key="sb_model").set_value(FOLDER_LABEL).run()
     at.text_input(key="sb_folder").set_value(str(folder)).run()
-    at.switch_page("pages/weights_page.py").run()
+    at.switch_page(page).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_the_weights_page_shows_a_prequantized_layer_as_stored(exported, monkeypatch):
+    at = _open_in_app(exported[0], "pages/weights_page.py", monkeypatch)
     at.selectbox(key="w_layer").set_value(LAYER).run()
     assert any(h.value == "As stored in the checkpoint" for h in at.subheader)
     metrics = {m.label: m.value for m in at.metric}
@@ -96,19 +101,12 @@ def test_the_weights_page_shows_a_prequantized_layer_as_stored(exported, monkeyp
 
 
 def test_the_size_page_counts_a_prequantized_checkpoints_stored_bits(exported, bundled_lm, monkeypatch):
-    from pages.common import FOLDER_LABEL
-
     folder, _ = exported
     reopened = load_model(folder, device="cpu")
     size = stored_size(reopened)
     assert size.layers == len(bundled_lm.structure.linears)
     # INT4 g64 with fp16 scales: 4 + 16/64 bits, plus each layer's few bytes of stored shape
     assert 4.25 <= size.bits_per_weight < 4.26
-    monkeypatch.setenv("QUANTLAB_LOCAL_ROOTS", str(folder.parent))
-    at = AppTest.from_file(APP, default_timeout=300).run()
-    at.selectbox(key="sb_model").set_value(FOLDER_LABEL).run()
-    at.text_input(key="sb_folder").set_value(str(folder)).run()
-    at.switch_page("pages/size_page.py").run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
+    at = _open_in_app(folder, "pages/size_page.py", monkeypatch)
     assert any("As stored" in m.value and f"{size.bits_per_weight:.3f} bits per weight" in m.value
                for m in at.markdown)

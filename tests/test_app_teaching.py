@@ -1,0 +1,92 @@
+"""What a room sees: the sidebar shows only controls that act on the page, uploads keep the user's file name,
+the Outliers page opens where the outliers are, and charts' labels are whole (issue 14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from streamlit.testing.v1 import AppTest
+
+from pages.common import FORMAT_KEYS, UPLOAD_LABEL
+from quantlab.models import uploads
+from tests.test_app_pages import APP, TIMEOUT
+
+
+def sidebar_keys(at: AppTest) -> set[str]:
+    widgets = [*at.sidebar.slider, *at.sidebar.selectbox, *at.sidebar.radio, *at.sidebar.number_input]
+    return {w.key for w in widgets}
+
+
+def test_the_format_panel_shows_only_where_it_acts_and_keeps_its_settings():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert set(FORMAT_KEYS) <= sidebar_keys(at)  # Home: where a visit starts and the format is set
+    at.slider(key="sb_bits").set_value(3).run()
+    at.selectbox(key="sb_group").set_value(32).run()
+    for page, uses in (("playground", "own bits, grid and group controls"), ("quality", "own list")):
+        at.switch_page(f"pages/{page}_page.py").run()
+        assert not at.exception, at.exception
+        assert not set(FORMAT_KEYS) & sidebar_keys(at), page
+        assert any(uses in c.value for c in at.sidebar.caption), [c.value for c in at.sidebar.caption]
+        assert page != "playground" or at.slider(key="pg_bits")  # the Playground's own control is there
+    at.switch_page("pages/weights_page.py").run()
+    assert not at.exception, at.exception
+    assert at.slider(key="sb_bits").value == 3 and at.selectbox(key="sb_group").value == 32
+    assert at.session_state["_format"].name == "int3-g32"
+
+
+def test_an_upload_error_names_the_file_the_user_uploaded():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.selectbox(key="sb_model").set_value(UPLOAD_LABEL).run()
+    at.file_uploader(key="sb_upload").set_value(("my-llama-shard.safetensors", b"\x89PNG\r\n\x1a\n not weights",
+                                                 "application/octet-stream")).run()
+    at.switch_page("pages/weights_page.py").run()
+    assert not at.exception, at.exception
+    messages = [e.value for e in at.error]
+    assert any("my-llama-shard.safetensors is not a valid safetensors file" in m for m in messages), messages
+    stored = Path(at.session_state["_model_choice"].weights_path).name
+    assert stored.startswith("upload-") and not any(stored in m for m in messages)
+
+
+def test_an_uploaded_name_is_shown_as_a_bare_printable_name():
+    assert uploads.display_name("../../etc/x\x1b[31m.safetensors") == "x?[31m.safetensors"
+    assert uploads.display_name("C:\\Users\\me\\model.safetensors") == "model.safetensors"
+    assert len(uploads.display_name("a" * 500 + ".safetensors")) == uploads.MAX_NAME_CHARS
+    stored = Path("/tmp/quantlab-uploads-1/session-x.y/upload-0123abcd.safetensors")
+    message = f"{stored.name} is not a valid safetensors file; cannot open {stored}"
+    assert uploads.in_user_terms(message, stored, "mine.safetensors") == (
+        "mine.safetensors is not a valid safetensors file; cannot open mine.safetensors")
+
+
+def outlier_file() -> bytes:
+    """Two down projections; the outlier input channel (7) is in the second, so "first down layer" misses it."""
+    weights = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(32, 128, generator=torch.Generator().manual_seed(i))
+               for i in range(2)}
+    weights["model.layers.1.mlp.down_proj.weight"][:, 7] *= 50
+    return save(weights)
+
+
+def test_the_outliers_page_takes_an_upload_and_opens_on_the_top_outliers_layer():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.switch_page("pages/outliers_page.py").run()
+    assert not at.exception, at.exception
+    assert any(e.label == "Inspect your own checkpoint" for e in at.expander)
+    at.file_uploader(key="o_upload").set_value(("shard-3.safetensors", outlier_file(),
+                                                "application/octet-stream")).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="sb_model").value == UPLOAD_LABEL
+    top = at.dataframe[0].value
+    assert top.iloc[0]["layer"] == "model.layers.1.mlp.down_proj.weight" and top.iloc[0]["channel"] == 7
+    assert at.selectbox(key="o_layer").value == "model.layers.1.mlp.down_proj.weight"
+    at.switch_page("pages/model_page.py").run()  # the upload is the session's model on every page
+    assert not at.exception, at.exception
+    assert any("shard-3.safetensors" in h.value for h in at.subheader)
+
+
+def test_the_outliers_page_opens_on_the_top_outliers_layer_of_the_bundled_model():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.switch_page("pages/outliers_page.py").run()
+    assert not at.exception, at.exception
+    top = at.dataframe[0].value
+    assert at.selectbox(key="o_layer").value == top.iloc[0]["layer"]

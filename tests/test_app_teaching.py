@@ -90,3 +90,17 @@ def test_the_outliers_page_opens_on_the_top_outliers_layer_of_the_bundled_model(
     assert not at.exception, at.exception
     top = at.dataframe[0].value
     assert at.selectbox(key="o_layer").value == top.iloc[0]["layer"]
+
+
+def test_the_clipping_page_shows_what_percentile_clipping_changes():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.switch_page("pages/clipping_page.py").run()
+    assert not at.exception, at.exception
+    methods = at.dataframe[0].value.set_index(["range_method", "scales"])
+    per_tensor_minmax, per_tensor_pct = methods.loc[("minmax", "per-tensor")], methods.loc[("percentile 99.9", "per-tensor")]
+    # One scale over the whole tensor: percentile clips its top 0.1 % and the error drops.
+    assert per_tensor_pct["clipped_fraction"] > per_tensor_minmax["clipped_fraction"]
+    assert per_tensor_pct["mse"] < 0.9 * per_tensor_minmax["mse"]
+    # The default g128 groups: 0.1 % of 128 values is less than one, and the page says so.
+    assert methods.loc[("percentile 99.9", "g128"), "mse"] == methods.loc[("minmax", "g128"), "mse"]
+    assert any("less than one, so nothing is clipped" in c.value for c in at.caption)

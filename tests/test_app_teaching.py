@@ -3,13 +3,16 @@ the Outliers page opens where the outliers are, and charts' labels are whole (is
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors.torch import save
 from streamlit.testing.v1 import AppTest
 
 from pages.common import FORMAT_KEYS, UPLOAD_LABEL
+from quantlab.analysis import plots
 from quantlab.models import uploads
 from tests.test_app_pages import APP, TIMEOUT
 
@@ -104,3 +107,32 @@ def test_the_clipping_page_shows_what_percentile_clipping_changes():
     # The default g128 groups: 0.1 % of 128 values is less than one, and the page says so.
     assert methods.loc[("percentile 99.9", "g128"), "mse"] == methods.loc[("minmax", "g128"), "mse"]
     assert any("less than one, so nothing is clipped" in c.value for c in at.caption)
+
+
+def whole_labels(spec: dict, names: set[str]) -> None:
+    """Horizontal bars, every name on the category axis in full, one row each, the margin grown to fit."""
+    assert all(trace["orientation"] == "h" for trace in spec["data"])
+    assert {label for trace in spec["data"] for label in trace["y"]} == names
+    axis = spec["layout"]["yaxis"]
+    assert axis["type"] == "category" and axis["dtick"] == 1 and axis["automargin"] is True
+    assert spec["layout"]["height"] >= len(names) * plots.BAR_ROW_PX
+
+
+def test_size_charts_label_every_format_in_full():
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.switch_page("pages/size_page.py").run()
+    assert not at.exception, at.exception
+    this_model, reference = (json.loads(chart.proto.spec) for chart in at.get("plotly_chart")[:2])
+    sizes_table = at.dataframe[0].value
+    whole_labels(this_model, set(sizes_table[sizes_table["note"] == ""]["format"]))
+    whole_labels(reference, set(at.dataframe[1].value.query("model == '7B'")["format"]))
+
+
+def test_the_sensitivity_chart_labels_every_layer_with_one_bar_each():
+    layers = [f"model.layers.{b}.{part}" for b in range(12) for part in ("self_attn.q_proj", "mlp.down_proj")]
+    table = pd.DataFrame({"layer": [plots.short_name(n) for n in layers], "percent": range(len(layers)),
+                          "role": [n.split(".")[-1].removesuffix("_proj") for n in layers]})
+    figure = plots.bar_figure(table, "layer", "percent", "sensitivity", color="role", horizontal=True)
+    whole_labels(figure.to_plotly_json(), set(table["layer"]))
+    assert figure.layout.barmode == "overlay"  # one role per layer: one centred bar, no empty slots
+    assert figure.layout.height < 2 * len(layers) * plots.BAR_ROW_PX + 200

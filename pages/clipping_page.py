@@ -1,5 +1,8 @@
 """Clipping: trade a few clamped values for a finer grid, and find the ratio with the least error."""
 
+import dataclasses
+
+import pandas as pd
 import streamlit as st
 
 from pages.common import (
@@ -7,7 +10,7 @@ from pages.common import (
 )
 from quantlab.analysis import plots
 from quantlab.analysis import blockformats, tensors
-from quantlab.numerics.formats import QuantFormat
+from quantlab.numerics.formats import Granularity, QuantFormat
 from quantlab.numerics.primitives import to_blocks
 
 
@@ -15,9 +18,28 @@ from quantlab.numerics.primitives import to_blocks
 def _clipping(key: str, layer: str, fmt_repr: str, block: tuple | None, _W, _fmt) -> tuple:
     values = _W if block is None else tensors.block_values(_W, _fmt, *block)
     fmt = _fmt if block is None else tensors.single_block_format(_fmt, values.numel())
-    sweep, methods = tensors.clipping_sweep(values, fmt), tensors.range_method_table(values, fmt)
+    sweep, methods = tensors.clipping_sweep(values, fmt), _range_methods(values, fmt)
     best = tensors.best_ratio(sweep)
-    return sweep, methods, best, plots.clipping_figure(sweep, best), plots.error_split_figure(methods, "range_method")
+    labelled = methods.assign(method=methods["range_method"] + " · " + methods["scales"])
+    return sweep, methods, best, plots.clipping_figure(sweep, best), plots.error_split_figure(labelled, "method")
+
+
+def _range_methods(values, fmt: QuantFormat):
+    """The methods at the format's scales and, beside them, with one scale for the whole tensor.
+
+    A percentile is taken over the values that share a scale: 99.9 % of a group of 128 leaves out 0.13 of a
+    value, i.e. nothing, so at the usual group and channel scales percentile is min-max. One scale over the
+    whole tensor leaves out its top 0.1 %: the rows side by side show what the method does and why small
+    scales hide it.
+    """
+    scopes = [fmt] if fmt.is_block_scaled or fmt.granularity.kind == "tensor" else [
+        fmt, dataclasses.replace(fmt, granularity=Granularity("tensor"))]
+    return pd.concat([tensors.range_method_table(values, scope).assign(scales=scope.granularity.label)
+                      for scope in scopes], ignore_index=True)
+
+
+def _values_per_scale(fmt: QuantFormat, weight) -> int:
+    return {"group": fmt.granularity.group_size, "channel": weight.shape[-1]}.get(fmt.granularity.kind, weight.numel())
 
 
 @cached_view(spinner="Fitting block scales…")
@@ -61,6 +83,16 @@ download_table(sweep, "clipping_sweep")
 st.subheader("Range methods")
 st.write("**min-max** uses the full range; **percentile** keeps a share of the values (sidebar setting) inside it; "
          "**MSE** searches each block's clip ratio for the least squared error.")
+if not fmt.is_block_scaled and block is None:
+    per_scale = _values_per_scale(fmt, layer.weight)
+    left_out = per_scale * (100 - fmt.percentile) / 100
+    st.caption(f"A percentile is taken over the values that share one scale: {per_scale:,} here ({fmt.granularity.label}), "
+               f"so keeping {fmt.percentile:g} % leaves out {left_out:.3g} value(s) per scale"
+               + (" — less than one, so nothing is clipped and percentile gives the same grid as min-max. "
+                  if left_out < 1 else ". ")
+               + f"With one scale for the whole tensor ({layer.weight.numel():,} values, the per-tensor rows) it clips "
+               f"the top {100 - fmt.percentile:g} %, {layer.weight.numel() * (100 - fmt.percentile) / 100:,.0f} values, "
+               "and the grid gets finer for all the others.")
 st.plotly_chart(methods_figure, key="c_methods")
 st.dataframe(methods, hide_index=True, width="stretch")
 download_table(methods, "clipping_range_methods")

@@ -29,6 +29,7 @@ import pandas as pd
 import streamlit as st
 
 from quantlab.models import loading as models
+from quantlab.models import uploads
 from quantlab.analysis import tensors
 from quantlab.device import LOAD_DTYPES, available_devices
 from quantlab.errors import QuantLabError
@@ -85,11 +86,19 @@ def user_errors():
     try:
         yield
     except QuantLabError as exc:
-        st.error(printable(str(exc)), icon="⚠️")  # a lone surrogate in a tensor name cannot be sent
+        st.error(printable(_in_user_terms(str(exc))), icon="⚠️")  # a lone surrogate in a tensor name cannot be sent
         st.stop()
     except RecursionError:  # a parser given JSON nested past Python's recursion limit
         st.error("the file is nested too deeply to be read; it is not a file QuantLab wrote", icon="⚠️")
         st.stop()
+
+
+def _in_user_terms(message: str) -> str:
+    """A message about the chosen upload names the file the user uploaded, not its content-hash copy."""
+    choice = model_choice()
+    if choice is None or choice.upload_name is None or choice.weights_path is None:
+        return message
+    return uploads.in_user_terms(message, Path(choice.weights_path), choice.upload_name)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -103,6 +112,7 @@ class ModelChoice:
     device: str = "cpu"
     trust_remote_code: bool = False
     dtype: str = "auto"  # what the weights are loaded in; auto is the checkpoint's own
+    upload_name: str | None = None  # an upload's own name (display_name), which messages use, not the hash
 
     @property
     def key(self) -> str:
@@ -173,17 +183,26 @@ def _file_notes(path: str) -> None:
 
 
 def matrix_picker(matrices: list[tensors.NamedMatrix], label: str = "Layer", key: str = "layer",
-                  default_role: str = "down") -> tensors.NamedMatrix:
+                  default_role: str = "down", default_name: str | None = None) -> tensors.NamedMatrix:
+    """A layer chooser; it opens on ``default_name`` when given, else on the first layer with ``default_role``."""
     names = [m.name for m in matrices]
-    default = next((i for i, m in enumerate(matrices) if m.role == default_role), 0)
+    default = names.index(default_name) if default_name in names else next(
+        (i for i, m in enumerate(matrices) if m.role == default_role), 0)
     name = st.selectbox(label, names, index=default, key=key,
                         format_func=lambda n: f"{n}  {tuple(matrices[names.index(n)].weight.shape)}")
     return matrices[names.index(name)]
 
 
 # --- the sidebar -------------------------------------------------------------------------------
-def sidebar() -> None:
-    """The model, the device and the current format, stored in session state for every page."""
+FORMAT_KEYS = ("sb_kind", "sb_bits", "sb_sym", "sb_gran", "sb_group", "sb_range", "sb_pct", "sb_scale_dtype")
+
+
+def sidebar(format_note: str | None = None) -> None:
+    """The model, the device and the current format, stored in session state for every page.
+
+    ``format_note``: on a page that does not use the sidebar's format (it has its own controls, or its own
+    list of configurations), that one line replaces the format panel, so no control there does nothing.
+    """
     touch_session()  # in use: the sweep's clock restarts
     sweep_uploads()
     with st.sidebar:
@@ -197,7 +216,23 @@ def sidebar() -> None:
         choice = _model_source(label, device)
         st.session_state["_model_choice"] = None if choice is None else dataclasses.replace(choice, dtype=dtype)
         st.subheader("Quantization format")
-        st.session_state["_format"] = _format_widgets()
+        if format_note is None:
+            st.session_state["_format"] = _format_widgets()
+        else:
+            _keep_format_settings()
+            st.caption(format_note)
+
+
+def _keep_format_settings() -> None:
+    """Keep the format panel's settings through a page that does not draw it.
+
+    Streamlit forgets a widget's value at the end of a run that did not draw the widget; written back
+    as plain session state, the values are there again (and the panel as it was) on the next page
+    that draws it. Only in runs that do not draw the widgets: a write in a run that does would warn.
+    """
+    for key in FORMAT_KEYS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
 
 
 def _model_source(label: str, device: str) -> ModelChoice | None:
@@ -221,17 +256,65 @@ def _model_source(label: str, device: str) -> ModelChoice | None:
         return ModelChoice(label, source, device=device, trust_remote_code=policy.allow_remote_code)
     if label == FOLDER_LABEL:
         return _local_path_choice(label, device, policy)
-    upload = st.file_uploader("Safetensors file", type=["safetensors"], key="sb_upload",
-                              help="Weights only: the Model, Weights, Outliers, Clipping and Size pages read it "
-                                   "without running a model.")
+    return _sidebar_upload(device)
+
+
+# --- uploads: the sidebar's, and a page's own (the Outliers page's "Inspect your own checkpoint") ------------
+UPLOAD_HELP = "Weights only: the Model, Weights, Outliers, Clipping and Size pages read it without running a model."
+PAGE_UPLOAD = "_page_upload"  # a ModelChoice uploaded on a page; the sidebar's choice until the sidebar uploads
+PAGE_UPLOAD_ERROR = "_page_upload_error"
+
+
+def _sidebar_upload(device: str) -> ModelChoice | None:
+    """The sidebar's uploader; an upload made on a page since the sidebar's last one takes its place."""
+    upload = st.file_uploader("Safetensors file", type=["safetensors"], key="sb_upload", help=UPLOAD_HELP,
+                              on_change=st.session_state.pop, args=(PAGE_UPLOAD, None))
+    held = st.session_state.get(PAGE_UPLOAD)
+    if held is not None and Path(held.weights_path).is_file():
+        st.caption(f"Inspecting {held.upload_name}, uploaded on a page (upload here to replace it).")
+        return dataclasses.replace(held, device=device)
     if upload is None:
         return None
     try:
-        path = save_upload(upload.getvalue())
+        return uploaded_choice(upload.getvalue(), upload.name, device)
     except QuantLabError as exc:
         st.error(printable(str(exc)))
         return None
-    return ModelChoice(label, None, weights_path=str(path), device=device)
+
+
+def uploaded_choice(data: bytes, name: str, device: str) -> ModelChoice:
+    """Saved in the session folder under its content hash; the choice keeps the name it was uploaded under."""
+    path = save_upload(data, name)
+    return ModelChoice(UPLOAD_LABEL, None, weights_path=str(path), device=device,
+                       upload_name=uploads.display_name(name))
+
+
+def page_uploader(key: str, label: str = "Safetensors file") -> None:
+    """The shared upload, drawn in a page: a file given here becomes the sidebar's model choice (an upload)."""
+    st.file_uploader(label, type=["safetensors"], key=key, help=UPLOAD_HELP, on_change=_take_page_upload, args=(key,))
+    if error := st.session_state.pop(PAGE_UPLOAD_ERROR, None):
+        st.error(error, icon="⚠️")
+    elif (held := st.session_state.get(PAGE_UPLOAD)) is not None and st.session_state.get("sb_model") == UPLOAD_LABEL:
+        st.caption(f"Inspecting {held.upload_name} (the sidebar's model: Upload .safetensors).")
+
+
+def _take_page_upload(key: str) -> None:
+    """on_change of a page's uploader, before the rerun: save the file and make it the sidebar's choice.
+
+    A callback because the sidebar, drawn before the page, must already see the upload in this rerun, and
+    only a callback may still set the sidebar's model selectbox.
+    """
+    upload = st.session_state.get(key)
+    if upload is None:  # the user removed the file from the page's uploader
+        st.session_state.pop(PAGE_UPLOAD, None)
+        return
+    try:
+        choice = uploaded_choice(upload.getvalue(), upload.name, st.session_state.get("sb_device", "cpu"))
+    except QuantLabError as exc:
+        st.session_state[PAGE_UPLOAD_ERROR] = printable(str(exc))
+        return
+    st.session_state[PAGE_UPLOAD] = choice
+    st.session_state["sb_model"] = UPLOAD_LABEL
 
 
 def _local_path_choice(label: str, device: str, policy) -> ModelChoice | None:

@@ -1,5 +1,7 @@
 """Model: architecture, parameters, a per-layer table, and what each format would make it weigh."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from pages.common import (
@@ -44,7 +46,7 @@ if loaded is not None:
                f"{summary['linear_params'] / summary['parameters']:.0%} of the parameters; they are what gets "
                "quantized. Embeddings, norms and the output head stay in full precision.")
 else:
-    st.subheader("Uploaded weights file")
+    st.subheader(f"Weights file: {choice.upload_name or Path(choice.weights_path).name}")
     st.caption("A bare safetensors file: its tensors are listed from the header; 2-D float matrices outside "
                "embeddings, norms and lm_head count as quantizable.")
 

@@ -29,6 +29,17 @@ PAGES = [
 ]
 
 
+# Pages that do not use the sidebar's format panel: this line stands in its place there (the panel's settings
+# are kept for the pages that use it: Home, where a visit starts, Model, Weights and Clipping).
+FORMAT_NOTES = {
+    "playground": "Not used on this page: the Playground has its own bits, grid and group controls, beside the values.",
+    "outliers": "Not used on this page: outlier channels belong to the weights and activations, not to a format.",
+    "size": "Not used on this page: it lists every format side by side.",
+    "quality": "Not used on this page: it runs the configurations in its own list (Configurations).",
+    "compare": "Not used on this page: it compares the configurations in its own list.",
+}
+
+
 def _home_alias() -> None:
     st.switch_page(PAGES[0])
 
@@ -51,7 +62,7 @@ def route() -> None:
             import pages.common  # noqa: F401
     from pages.common import sidebar
 
-    sidebar()
+    sidebar(FORMAT_NOTES.get(page.url_path))
     page.run()
 
 

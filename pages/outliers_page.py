@@ -3,8 +3,8 @@
 import streamlit as st
 
 from pages.common import (
-    cached_view, current_matrices, current_model, download_table, explain, matrix_picker, progress_callback,
-    results_key, user_errors,
+    cached_view, current_matrices, current_model, download_table, explain, matrix_picker, model_choice,
+    page_uploader, progress_callback, results_key, user_errors,
 )
 from pages.runs import result_store
 from quantlab.analysis import plots
@@ -61,6 +61,13 @@ st.title("Outliers")
 explain("outlier")
 st.write("A shared scale is set by the largest value it covers. One channel ten times larger than the rest "
          "leaves every other channel with a tenth of the grid. Here are the channels that do that.")
+with st.expander("Inspect your own checkpoint", expanded=model_choice() is None):
+    st.caption("A .safetensors file of weights (a model's, or one shard of it): it becomes the sidebar's model, "
+               "for this page and the other weight pages, and is removed when your session ends.")
+    page_uploader("o_upload")
+if model_choice() is None:
+    st.info("Choose a model in the sidebar, or upload a checkpoint above.")
+    st.stop()
 matrices = current_matrices()
 loaded = current_model()
 key = results_key()
@@ -93,7 +100,9 @@ st.dataframe(top, hide_index=True, width="stretch")
 download_table(top, "outlier_channels")
 
 st.subheader("Within one layer")
-layer = matrix_picker([m for m in matrices if role == "all" or m.role == role], key="o_layer")
+st.caption("Opens on the layer that holds the top outlier channel above.")
+layer = matrix_picker([m for m in matrices if role == "all" or m.role == role], key="o_layer",
+                      default_name=top["layer"].iloc[0] if len(top) else None)
 with user_errors():
     table, layer_figure = _layer(f"{key}#{stats is not None}", layer.name, source, axis, layer,
                                  stats.get(layer.name) if stats else None)

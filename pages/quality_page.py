@@ -105,6 +105,7 @@ if st.session_state.get("q_sens", (None,))[0] == results_key():
     st.plotly_chart(plots.bar_figure(sensitivity.assign(layer=[plots.short_name(n) for n in sensitivity["layer"]],
                                                         percent=sensitivity["relative_delta"] * 100),
                                      "layer", "percent", "Quality drop when only this layer is quantized",
-                                     color="role", y_title=f"{metric} change (%)"), key="q_sens_chart")
+                                     color="role", y_title=f"{metric} change (%)", horizontal=True),
+                    key="q_sens_chart")
     st.dataframe(sensitivity, hide_index=True, width="stretch")
     download_table(sensitivity, "quality_layer_sensitivity")

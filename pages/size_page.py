@@ -22,7 +22,8 @@ def _variant(table):
 def _model_sizes(key: str, _source) -> tuple:
     table = _variant(sizes.format_sizes(_source, sizes.size_variants()))
     figure = plots.bar_figure(table[table["note"] == ""], "format", "bits_per_weight",
-                              "Bits per weight, overhead included", color="variant")
+                              "Bits per weight, overhead included", color="variant",
+                              y_title="bits per weight", horizontal=True)
     return table, figure
 
 
@@ -41,7 +42,7 @@ def _reference_sizes():
 def _reference_figure(model_label: str):
     chosen = _reference_sizes().query("model == @model_label").assign(GB=lambda d: d["total_bytes"] / 1e9)
     return plots.bar_figure(chosen, "format", "GB", f"{model_label} (Llama-shaped): total size by format",
-                            color="variant", y_title="GB")
+                            color="variant", y_title="GB", horizontal=True)
 
 
 st.title("Size & scale overhead")

@@ -108,23 +108,25 @@ def session_folder() -> Path:
     return held.path
 
 
-def save_upload(data: bytes, suffix: str = ".safetensors") -> Path:
+def save_upload(data: bytes, name: str = "the file", suffix: str = ".safetensors") -> Path:
     """Write uploaded bytes into the session folder under a content hash: the user's name is never a path.
 
-    The browser enforces the upload limit (``server.maxUploadSize``, MiB); checked again for other callers.
-    The server's whole upload space is capped too (``QUANTLAB_UPLOAD_SPACE_MB``).
+    ``name``, the name the file was uploaded under, is what the messages call it. The browser enforces the
+    upload limit (``server.maxUploadSize``, MiB); checked again for other callers. The server's whole upload
+    space is capped too (``QUANTLAB_UPLOAD_SPACE_MB``).
     """
+    shown = uploads.display_name(name)
     if len(data) > (limit := st.get_option("server.maxUploadSize")) * 2**20:
-        raise ModelLoadError(f"the file has {len(data) / 2**20:.1f} MB, over this server's upload limit of {limit} MB "
+        raise ModelLoadError(f"{shown} has {len(data) / 2**20:.1f} MB, over this server's upload limit of {limit} MB "
                              "(server.maxUploadSize); inspect large checkpoints with the command line")
     sweep_uploads(force=True)  # before counting the space: abandoned sessions' files do not count
-    path = upload_space().save(session_folder(), data, suffix)
+    path = upload_space().save(session_folder(), data, suffix, label=shown)
     try:
         n_tensors = len(read_header(path)) if suffix == ".safetensors" else 0
     except ModelLoadError:
-        return path  # a corrupt file: the page that reads it says what is wrong
+        return path  # a corrupt file: the page that reads it says what is wrong (under the user's name)
     if n_tensors > MAX_UPLOAD_TENSORS:
         path.unlink()
-        raise ModelLoadError(f"the file holds more than {MAX_UPLOAD_TENSORS:,} tensors, more than this server "
+        raise ModelLoadError(f"{shown} holds more than {MAX_UPLOAD_TENSORS:,} tensors, more than this server "
                              "reads from one upload; inspect it with the command line")
     return path

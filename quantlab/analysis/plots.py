@@ -123,16 +123,35 @@ def error_split_figure(table: pd.DataFrame, label_column: str) -> go.Figure:
     return _layout(fig, "Where the error comes from", label_column.replace("_", " "), "mean squared error")
 
 
+BAR_ROW_PX = 16  # height of one horizontal bar: 14 px labels, one per row, none skipped
+
+
 def bar_figure(table: pd.DataFrame, x: str, y: str, title: str, color: str | None = None,
-               y_title: str | None = None) -> go.Figure:
-    """A plain or grouped bar chart of one column against another."""
+               y_title: str | None = None, horizontal: bool = False) -> go.Figure:
+    """A plain or grouped bar chart of one column against another.
+
+    ``horizontal``: the ``x`` labels (format or layer names) run down the left, each in full on its own row,
+    and the chart grows with their number; a vertical chart tilts long names and shows only every other one
+    when they crowd.
+    """
     fig = go.Figure()
     groups = [(None, table)] if color is None else list(table.groupby(color, sort=False))
     for i, (name, part) in enumerate(groups):
-        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name) if name is not None else y,
+        values = dict(y=part[x], x=part[y], orientation="h") if horizontal else dict(x=part[x], y=part[y])
+        fig.add_trace(go.Bar(**values, name=str(name) if name is not None else y,
                              marker_color=PALETTE[i % len(PALETTE)]))
-    fig.update_layout(barmode="group", showlegend=color is not None)
-    return _layout(fig, title, x.replace("_", " "), y_title or y.replace("_", " "))
+    # Side by side where a label has a bar per colour (sizes per variant); one centred bar where each label
+    # has one colour only (layers coloured by their role).
+    slots = 1 if color is None else int(table.groupby(x, sort=False)[color].nunique().max())
+    fig.update_layout(barmode="group" if slots > 1 else "overlay", showlegend=color is not None)
+    if not horizontal:
+        return _layout(fig, title, x.replace("_", " "), y_title or y.replace("_", " "))
+    rows = table[x].nunique()
+    _layout(fig, title, y_title or y.replace("_", " "), "", height=max(300, rows * BAR_ROW_PX * slots + 160))
+    # Every category labelled (dtick 1), top to bottom in the table's order, the margin as wide as the longest.
+    fig.update_yaxes(type="category", dtick=1, autorange="reversed", automargin=True)
+    fig.update_layout(legend=dict(orientation="h", x=0, y=1, yanchor="bottom"), margin=dict(t=90))
+    return fig
 
 
 def heatmap_figure(z: np.ndarray, labels: Sequence[str], title: str, x_title: str, log_color: bool = True) -> go.Figure:

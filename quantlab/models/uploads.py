@@ -51,15 +51,18 @@ class UploadSpace:
         self.root.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"{SESSION_PREFIX}{_SAFE_ID.sub('_', session_id)[:64]}.", dir=self.root))
 
-    def save(self, folder: Path, data: bytes, suffix: str) -> Path:
-        """``data`` into ``folder`` under its content hash (never the uploader's name), within the byte cap."""
+    def save(self, folder: Path, data: bytes, suffix: str, label: str = "the file") -> Path:
+        """``data`` into ``folder`` under its content hash (never the uploader's name), within the byte cap.
+
+        ``label``: how messages name the file, the name it was uploaded under (``display_name``).
+        """
         path = folder / f"upload-{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
         if path.is_file():
             return path
         used = self.used_bytes()
         if used + len(data) > self.max_bytes:
             raise ModelLoadError(
-                f"this server's upload space is full ({used / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB in use "
+                f"{label} ({len(data) / 2**20:.1f} MB) does not fit: this server's upload space is full ({used / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB in use "
                 "by open sessions); try again when other sessions end, or inspect the file with the command line")
         handle, temp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".part")
         try:
@@ -100,6 +103,24 @@ class UploadSpace:
             return [p for p in self.root.iterdir() if p.name.startswith(SESSION_PREFIX) and p.is_dir()]
         except FileNotFoundError:
             return []
+
+
+MAX_NAME_CHARS = 120  # a browser sends any name; a message shows at most this much of it
+
+
+def display_name(name: str) -> str:
+    """The name a file was uploaded under, as a message may show it: printable, bounded, never a path."""
+    shown = "".join(c if c.isprintable() else "?" for c in Path(name.replace("\\", "/")).name) or "the uploaded file"
+    return shown if len(shown) <= MAX_NAME_CHARS else shown[:MAX_NAME_CHARS - 1] + "…"
+
+
+def in_user_terms(message: str, stored: Path, uploaded_as: str) -> str:
+    """A message about a stored upload that names the file as the user knows it, not by its content hash.
+
+    The readers' messages name the file they opened (``upload-<hash>.safetensors``, or its whole path);
+    the user uploaded ``model.safetensors`` and looks for that name.
+    """
+    return message.replace(str(stored), uploaded_as).replace(stored.name, uploaded_as)
 
 
 def session_of(folder: Path) -> str:

@@ -159,6 +159,20 @@ def layer_choices(loaded, sensitivity: Sensitivity, fmts: dict) -> list[LayerCho
     return choices
 
 
+def check_budget(loaded, fmts: Sequence[QuantFormat], budget: Budget) -> int:
+    """The budget's bytes for the quantized linears; an error, before any measuring, when no plan can fit it."""
+    linears = loaded.structure.linears
+    kept = model_size(loaded.model, fmts[0]).full_precision_bytes
+    budget_bytes = budget.quantized_bytes(sum(info.out_features * info.in_features for info in linears), kept)
+    smallest = sum(min(fmt.storage(info.out_features, info.in_features).total_bytes for fmt in fmts) for info in linears)
+    if smallest > budget_bytes:
+        params = sum(info.out_features * info.in_features for info in linears)
+        raise FormatError(f"budget {budget.label} is below the smallest plan these candidates allow "
+                          f"({8 * smallest / params:.3f} bits per weight, {(smallest + kept) / 2**20:.3f} MiB: every "
+                          "linear in its smallest format); raise the budget or add a smaller candidate")
+    return budget_bytes
+
+
 def make_plan(loaded, sensitivity: Sensitivity, budget: Budget) -> Plan:
     """The formats of least predicted loss whose bytes fit ``budget`` (bits per weight or MiB)."""
     fmts = {name: QuantFormat.parse(name) for name in sensitivity.candidates}

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(Path(args.out))
     loaded, text = load_source(args)
     fmts = planning.candidate_formats(names, loaded)
+    planning.check_budget(loaded, fmts, budget)  # a budget no plan fits fails now, not after the measuring
     context = getattr(loaded.model.config, "max_position_embeddings", None) or SWEEP_EVAL_CTX
     ctx = min(SWEEP_EVAL_CTX, context)
     progress = stderr_progress if sys.stderr.isatty() else None

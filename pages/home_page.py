@@ -20,6 +20,8 @@ st.markdown("""
 7. **Quality vs bits**: perplexity (or embedding fidelity) against size for a sweep of formats and methods; the
    measured sweep of the bundled model opens there in one click.
 8. **Compare**: two or three configurations side by side, generations included.
+9. **Mixed precision**: a format per layer under a size budget, planned from each layer's measured
+   sensitivity, then run and measured next to the uniform formats.
 
 Pick the model and the format in the sidebar; every page uses them.
 """)

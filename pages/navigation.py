@@ -26,6 +26,7 @@ PAGES = [
     st.Page("pages/size_page.py", title="Size & scale overhead", icon=":material/straighten:", url_path="size"),
     st.Page("pages/quality_page.py", title="Quality vs bits", icon=":material/show_chart:", url_path="quality"),
     st.Page("pages/compare_page.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/mixed_page.py", title="Mixed precision", icon=":material/tune:", url_path="mixed"),
 ]
 
 

@@ -39,6 +39,11 @@ def _reference_sizes():
 
 
 @cached_view()
+def _gguf_reference():
+    return sizes.gguf_reference_sizes()
+
+
+@cached_view()
 def _reference_figure(model_label: str):
     chosen = _reference_sizes().query("model == @model_label").assign(GB=lambda d: d["total_bytes"] / 1e9)
     return plots.bar_figure(chosen, "format", "GB", f"{model_label} (Llama-shaped): total size by format",
@@ -96,6 +101,23 @@ st.caption("Llama-shaped models (hidden 2048/4096/8192, untied embeddings and he
            "are approximate, the arithmetic on them exact.")
 st.dataframe(reference, hide_index=True, width="stretch")
 download_table(reference, "size_reference_models")
+
+st.subheader("GGUF references (size only)")
+st.write("llama.cpp's block types, sized exactly from the block structs in its `ggml-common.h`: **size "
+         "references, quality not simulated**. Q8_0 = 32 int8 codes + an fp16 scale = 34 bytes per 32 values "
+         "(8.5 bits); Q4_0 = 18 bytes per 32 (4.5); the K-quants pack 256 values into super-blocks with 6- or "
+         "8-bit sub-block scales: Q4_K 144 bytes (4.5), Q5_K 176 (5.5), Q6_K 210 (6.5625).")
+with user_errors():
+    gguf_here = sizes.gguf_sizes(source)
+st.dataframe(gguf_here, hide_index=True, width="stretch")
+gguf_reference = _gguf_reference()
+big = gguf_reference[gguf_reference["model"].isin(["7B", "70B"])].assign(GB=lambda d: d["total_bytes"] / 1e9)
+st.dataframe(big[["model", "format", "bits_per_weight", "block_values", "block_bytes", "GB", "note"]],
+             hide_index=True, width="stretch")
+st.caption("Every linear of the blocks in the one type; embeddings, norms and head kept at 16 bits as in the "
+           "rows above. llama.cpp's own mixes (Q4_K_M, Q5_K_S, ...) also quantize the embeddings and use "
+           "different types per layer, so their files differ from these rows by a few percent.")
+download_table(gguf_reference, "size_gguf_references")
 
 st.subheader("Measured on this machine")
 st.write("The sizes above are computed. Here real kernels run: on a CPU, PyTorch's int8 GEMMs (dynamic "

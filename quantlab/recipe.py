@@ -30,6 +30,7 @@ from quantlab.numerics.formats import Granularity, QuantFormat
 
 METHODS = ("fp", "rtn", "gptq", "awq", "smoothquant")
 CALIBRATED_METHODS = ("gptq", "awq", "smoothquant")
+MIXED_METHODS = ("rtn", "gptq")  # the methods whose block processors take a format per linear
 KV_FORMATS = ("int8", "int4", "fp8-e4m3")
 # Parameter count from which a model gets the large calibration set of its device (below).
 LARGE_MODEL_PARAMS = 50_000_000
@@ -179,6 +180,9 @@ class QuantConfig:
     awq: AWQParams = field(default_factory=AWQParams)
     smooth_alpha: float = 0.5  # SmoothQuant migration strength: 0 keeps activations, 1 moves all to weights
     rotate: bool = False  # first fuse a randomized Hadamard rotation of the residual stream (algorithms.rotation)
+    # Mixed precision: (linear name, format) pairs that replace ``weight_format`` for those linears
+    # (a plan under a size budget, quantlab.analysis.plan). Sorted by name, so equal plans compare equal.
+    layer_formats: tuple[tuple[str, QuantFormat], ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -195,11 +199,40 @@ class QuantConfig:
             raise FormatError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.rotate and self.weight_format is None:
             raise FormatError("rotation prepares weights for quantization; give a weight format (rot-int4-g128)")
+        self._check_layer_formats()
         if not self.name:
             object.__setattr__(self, "name", self.canonical_name)
 
+    def _check_layer_formats(self) -> None:
+        if not self.layer_formats:
+            return
+        if self.method not in MIXED_METHODS:
+            raise FormatError(f"per-layer formats run with {' or '.join(MIXED_METHODS)}, not {self.method}")
+        names = [name for name, _ in self.layer_formats]
+        if len(set(names)) != len(names):
+            raise FormatError("a linear is given two formats in layer_formats; give each linear one")
+        object.__setattr__(self, "layer_formats", tuple(sorted(self.layer_formats, key=lambda pair: pair[0])))
+
+    def format_for(self, linear_name: str) -> QuantFormat | None:
+        """The weight format of linear ``linear_name`` (its full module path): its override, else ``weight_format``."""
+        return dict(self.layer_formats).get(linear_name, self.weight_format)
+
+    @property
+    def formats(self) -> tuple[QuantFormat, ...]:
+        """Every weight format the run uses, once each (the default first)."""
+        found = [self.weight_format] if self.weight_format is not None else []
+        for _, fmt in self.layer_formats:
+            if fmt not in found:
+                found.append(fmt)
+        return tuple(found)
+
     @property
     def canonical_name(self) -> str:
+        if self.layer_formats:  # the formats and their counts: "rtn-mixed-int8x3-int4-g128x25"
+            counts = {}
+            for _, fmt in self.layer_formats:
+                counts[fmt.name] = counts.get(fmt.name, 0) + 1
+            return "-".join([self.method, "mixed"] + [f"{name}x{n}" for name, n in counts.items()])
         parts = ["rot"] * self.rotate + [self.method] + ([self.weight_format.name] if self.weight_format else [])
         parts += [spec.name for spec in (self.act, self.kv) if spec is not None]
         return "-".join(parts)
@@ -212,6 +245,7 @@ class QuantConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["weight_format"] = self.weight_format.name if self.weight_format else None
         out["weight_format_fields"] = _format_fields(self.weight_format)
+        out["layer_formats"] = [[name, _format_fields(fmt)] for name, fmt in self.layer_formats]
         for key in ("act", "kv", "calib", "gptq", "awq"):
             value = getattr(self, key)
             out[key] = asdict(value) if value is not None else None
@@ -220,19 +254,24 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
         """Inverse of ``to_dict`` (what a sweep file stores)."""
-        fmt_fields = data.get("weight_format_fields")
-        fmt = None
-        if fmt_fields:
-            gran = Granularity(**fmt_fields.pop("granularity"))
-            fmt = QuantFormat(granularity=gran, **fmt_fields)
+        fmt = _format_from_fields(data.get("weight_format_fields"))
+        layer_formats = tuple((name, _format_from_fields(fields)) for name, fields in data.get("layer_formats") or ())
         nested = {"act": ActSpec, "kv": KVSpec, "calib": CalibConfig, "gptq": GPTQParams, "awq": AWQParams}
         kwargs = {key: kind(**data[key]) for key, kind in nested.items() if data.get(key) is not None}
         return cls(name=data.get("name", ""), method=data["method"], weight_format=fmt,
-                   smooth_alpha=data.get("smooth_alpha", 0.5), rotate=data.get("rotate", False), **kwargs)
+                   smooth_alpha=data.get("smooth_alpha", 0.5), rotate=data.get("rotate", False),
+                   layer_formats=layer_formats, **kwargs)
 
 
 def _format_fields(fmt: QuantFormat | None) -> dict | None:
     return asdict(fmt) if fmt is not None else None
+
+
+def _format_from_fields(fmt_fields: dict | None) -> QuantFormat | None:
+    if not fmt_fields:
+        return None
+    fmt_fields = dict(fmt_fields)
+    return QuantFormat(granularity=Granularity(**fmt_fields.pop("granularity")), **fmt_fields)
 
 
 # Names people type, mapped to the canonical grammar.

@@ -22,7 +22,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 PAGES = (
     ("QuantLab", "QuantLab"), ("Model", "Model"), ("Playground", "Playground"), ("Weights", "Weights"),
     ("Outliers", "Outliers"), ("Clipping", "Clipping"), ("Size & scale overhead", "Size & scale overhead"),
-    ("Quality vs bits", "Quality vs bits"), ("Compare", "Compare"),
+    ("Quality vs bits", "Quality vs bits"), ("Compare", "Compare"), ("Mixed precision", "Mixed precision"),
 )
 EXTRA_ARGS: list[str] = []
 SETTLED = '[data-testid="stApp"][data-test-script-state="notRunning"]'
@@ -31,7 +31,7 @@ NAV_LINK = '[data-testid="stSidebar"] [data-testid="stPageLink-NavLink"]'
 # (URL path, the page's title): every page's shared link, "/home" included.
 URLS = (("", "QuantLab"), ("home", "QuantLab"), ("model", "Model"), ("playground", "Playground"),
         ("weights", "Weights"), ("outliers", "Outliers"), ("clipping", "Clipping"), ("size", "Size & scale overhead"),
-        ("quality", "Quality vs bits"), ("compare", "Compare"))
+        ("quality", "Quality vs bits"), ("compare", "Compare"), ("mixed", "Mixed precision"))
 EXCEPTION = '[data-testid="stException"]'
 
 

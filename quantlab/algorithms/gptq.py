@@ -233,7 +233,7 @@ def _solve_share(ctx: BlockContext, inputs: dict, owner: dict[str, int]) -> dict
     for local_name, rank in owner.items():
         if rank == distributed.rank():
             start = time.perf_counter()
-            result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.config.weight_format,
+            result = gptq_quantize(ctx.weight(local_name), inputs[local_name].hessian, ctx.weight_format(local_name),
                                    ctx.config.gptq, name=ctx.linears[local_name].name)
             solved[local_name] = (result, time.perf_counter() - start)
     return solved

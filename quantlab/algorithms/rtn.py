@@ -40,7 +40,7 @@ def process_block(ctx: BlockContext) -> list[LayerResult]:
     for local_name, module in ctx.linear_modules().items():
         start = time.perf_counter()
         W = ctx.weight(local_name)  # (out, in)
-        result = rtn_quantize(W, ctx.config.weight_format)
+        result = rtn_quantize(W, ctx.weight_format(local_name))  # per-layer in a mixed plan
         results.append(ctx.finish_linear(
             local_name, result.quantized, inputs[local_name], seconds=time.perf_counter() - start,
             clipped_fraction=result.clipped_fraction,

@@ -11,6 +11,7 @@ from torch import nn
 from quantlab.models.architectures import find_linears
 from quantlab.errors import FormatError
 from quantlab.numerics.formats import QuantFormat
+from quantlab.models.gguf import GGUF_TYPES, GGUFType
 from quantlab.models.sizing import REFERENCE_MODELS, ModelSize, model_size, reference_size
 from quantlab.runs.speed import SpeedResult, ratios, theoretical_bytes
 from quantlab.models.weightfiles import TensorListing
@@ -65,6 +66,46 @@ def reference_sizes(fmts: Sequence[QuantFormat]) -> pd.DataFrame:
             rows.append({"model": label, "hidden": hidden, **_size_row(size, fmt),
                          "quantized_params": size.quantized_params, "fp16_bytes": size.original_bytes})
     return pd.DataFrame(rows).drop(columns="note")
+
+
+GGUF_NOTE = "size reference: llama.cpp block layout, quality not simulated"
+
+
+def _gguf_row(kind: GGUFType, size: ModelSize) -> dict:
+    """``kind`` on the linears that ``size`` quantizes, the kept layers as ``size`` counts them."""
+    quantized = [layer for layer in size.layers if layer.quantized]
+    if any(layer.shape[-1] % kind.block_size for layer in quantized):
+        return {"format": f"gguf-{kind.name}", "block_values": kind.block_size, "block_bytes": kind.block_bytes,
+                "bits_per_weight": kind.bits_per_weight,
+                "note": f"rows are not whole {kind.block_size}-value blocks: {kind.name} cannot store this model"}
+    # A quantized layer may stand for n identical ones (the reference models' "q (x32)"): params / one's numel.
+    n_bytes = sum(kind.tensor_bytes(*layer.shape) * (layer.params // (layer.shape[0] * layer.shape[1]))
+                  for layer in quantized)
+    total = n_bytes + size.full_precision_bytes
+    return {"format": f"gguf-{kind.name}", "block_values": kind.block_size, "block_bytes": kind.block_bytes,
+            "bits_per_weight": 8 * n_bytes / size.quantized_params, "weight_bytes": n_bytes,
+            "full_precision_bytes": size.full_precision_bytes, "total_bytes": total,
+            "compression": size.original_bytes / total, "note": GGUF_NOTE}
+
+
+def gguf_sizes(model_or_listing) -> pd.DataFrame:
+    """llama.cpp's Q8_0, Q4_0, Q4_K, Q5_K, Q6_K on this model's linears: exact bytes of the published blocks.
+
+    Every linear inside the blocks in the one type, embeddings, norms and head kept as in the other
+    rows (llama.cpp's own mixes such as Q4_K_M also quantize the embeddings and mix types per layer).
+    """
+    size = model_size(model_or_listing, QuantFormat.parse("int8"))  # which tensors are quantized, which kept
+    return pd.DataFrame([_gguf_row(kind, size) for kind in GGUF_TYPES])
+
+
+def gguf_reference_sizes() -> pd.DataFrame:
+    """The GGUF types on the Llama-shaped 1B, 7B and 70B models of :func:`reference_sizes`."""
+    rows = []
+    for label, n_params, hidden in REFERENCE_MODELS:
+        size = reference_size(n_params, QuantFormat.parse("int8"), hidden=hidden)
+        rows += [{"model": label, "hidden": hidden, **_gguf_row(kind, size), "quantized_params": size.quantized_params,
+                  "fp16_bytes": size.original_bytes} for kind in GGUF_TYPES]
+    return pd.DataFrame(rows)
 
 
 def layer_table(listing: TensorListing, size: ModelSize) -> pd.DataFrame:

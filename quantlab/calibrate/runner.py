@@ -177,6 +177,10 @@ class BlockContext:
         act = self.config.act if self.config is not None else None
         return act is not None and act.mode == "static"
 
+    def weight_format(self, local_name: str):
+        """The format linear ``local_name`` is quantized to: the config's, or its per-layer override."""
+        return self.config.format_for(self.linears[local_name].name)
+
     def linear_modules(self, block: nn.Module | None = None) -> dict[str, nn.Module]:
         block = block if block is not None else self.block
         return {name: block.get_submodule(name) for name in self.linears}

@@ -36,6 +36,7 @@ COMMANDS = {
     "quantize": "quantize_cmd",
     "sweep": "sweep_cmd",
     "eval": "eval_cmd",
+    "plan": "plan_cmd",
 }
 
 log = logging.getLogger("quantlab")

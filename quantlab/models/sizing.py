@@ -12,7 +12,8 @@ plus 4096 * 32 scales * 2 bytes = 256 KiB, i.e. 4 + 16/128 = 4.125 bits per weig
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -151,11 +152,14 @@ def summarize(fmt: QuantFormat, layers: list[LayerSize]) -> ModelSize:
     )
 
 
-def model_size(model_or_listing, fmt: QuantFormat, keep_full_precision: tuple[str, ...] | None = None) -> ModelSize:
+def model_size(model_or_listing, fmt: QuantFormat, keep_full_precision: tuple[str, ...] | None = None,
+               layer_formats: Mapping[str, QuantFormat] | None = None) -> ModelSize:
     """The size of a model (an ``nn.Module``, a ``LoadedModel`` or a ``TensorListing``) in ``fmt``.
 
     ``keep_full_precision``: name fragments or roles (``down``, ``qkv``) of layers not to quantize; by
     default the architecture table's (embeddings, norms, lm_head). Linears outside the blocks (lm_head) are always kept.
+    ``layer_formats`` (modules only): linear name -> the format that replaces ``fmt`` for it (a mixed plan);
+    the result is then named ``mixed``.
     """
     model = model_or_listing
     if not isinstance(model, (nn.Module, TensorListing)):
@@ -165,11 +169,15 @@ def model_size(model_or_listing, fmt: QuantFormat, keep_full_precision: tuple[st
         return summarize(fmt, _listing_layers(model, fmt, keep))
     if isinstance(model, nn.Module):
         keep = spec_for(model).keep_full_precision if keep_full_precision is None else tuple(keep_full_precision)
-        return summarize(fmt, _module_layers(model, fmt, keep))
+        size = summarize(fmt, _module_layers(model, fmt, keep, layer_formats or {}))
+        return replace(size, fmt_name="mixed") if layer_formats else size
+    if layer_formats:
+        raise ModelLoadError("per-layer formats size a loaded model, not a weights listing")
     raise ModelLoadError(f"cannot size a {type(model_or_listing).__name__}; give a model or a tensor listing")
 
 
-def _module_layers(model: nn.Module, fmt: QuantFormat, keep: tuple[str, ...]) -> list[LayerSize]:
+def _module_layers(model: nn.Module, fmt: QuantFormat, keep: tuple[str, ...],
+                   layer_formats: Mapping[str, QuantFormat]) -> list[LayerSize]:
     linears = [info for info in find_linears(model) if not _keeps(keep, info.name, info.role)]
     all_in = {info.in_features for info in linears}
     quantized = {f"{info.name}.weight": info for info in linears}
@@ -184,8 +192,8 @@ def _module_layers(model: nn.Module, fmt: QuantFormat, keep: tuple[str, ...]) ->
         if info is None:
             layers.append(_kept_layer(name, tuple(tensor.shape), nbytes))
         else:
-            layers.append(_quantized_layer(fmt, info.name, info.role, info.out_features, info.in_features,
-                                           nbytes, all_in))
+            layers.append(_quantized_layer(layer_formats.get(info.name, fmt), info.name, info.role,
+                                           info.out_features, info.in_features, nbytes, all_in))
     return layers
 
 

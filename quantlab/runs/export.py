@@ -90,14 +90,18 @@ def export_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None,
     out = Path(out_dir)
     check_output_folder(out)
     quantized = _quantized_modules(model)
-    fmt = _common_format(quantized)
+    groups = format_groups(quantized)
     ignored = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
-    config = block_quantization_config(fmt, ignored) if fmt.is_block_scaled else _quantization_config(fmt, ignored)
+    if len(groups) > 1:  # a mixed-precision plan: one config group per format, targeting its layers by name
+        config = _mixed_quantization_config(groups, ignored)
+    else:
+        fmt = next(iter(groups.values()))[0]
+        config = block_quantization_config(fmt, ignored) if fmt.is_block_scaled else _quantization_config(fmt, ignored)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         weight_files = _write_weights(model, quantized, staging, max_shard_size)
-        _write_config(model, config, staging, fmt)
+        _write_config(model, config, staging, [fmt for fmt, _ in groups.values()])
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if out.exists():
@@ -152,29 +156,51 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
     return found
 
 
-def _common_format(quantized: dict[str, QuantizedLinear]) -> QuantFormat:
-    """The one weight format of the run: a single config group describes every layer."""
-    def key(fmt: QuantFormat):
-        return fmt.kind, fmt.n_bits, fmt.symmetric, fmt.granularity, fmt.symmetric_range
+def format_groups(quantized: dict[str, QuantizedLinear]) -> dict[tuple, tuple[QuantFormat, list[str]]]:
+    """The run's weight formats, each with the layers stored in it (one config group each), in first-seen order.
 
-    formats = {key(m.fmt): m.fmt for m in quantized.values()}
-    if len(formats) > 1:
-        raise FormatError(f"layers use different formats ({sorted(f.name for f in formats.values())}); "
-                          "export a run with one weight format")
-    return next(iter(formats.values()))
+    Formats that store the same way (kind, bits, symmetry, granularity, range) are one group: the
+    scale dtype travels with the scale tensors, the range method only chose the codes.
+    """
+    groups: dict[tuple, tuple[QuantFormat, list[str]]] = {}
+    for name, module in quantized.items():
+        fmt = module.fmt
+        key = fmt.kind, fmt.n_bits, fmt.symmetric, fmt.granularity, fmt.symmetric_range
+        groups.setdefault(key, (fmt, []))[1].append(name)
+    return groups
 
 
-def _quantization_config(fmt: QuantFormat, ignored: tuple[str, ...]):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+def _int_scheme(fmt: QuantFormat, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     strategy = {"group": "group", "channel": "channel", "tensor": "tensor"}[fmt.granularity.kind]
     args = QuantizationArgs(
         num_bits=fmt.n_bits, type="int", symmetric=fmt.symmetric, strategy=strategy,
         group_size=fmt.granularity.group_size if strategy == "group" else None,
     )
-    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    return QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
+
+
+def _quantization_config(fmt: QuantFormat, ignored: tuple[str, ...]):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    scheme = _int_scheme(fmt, ["Linear"])
     return QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignored), format="pack-quantized",
                               quantization_status="compressed")
+
+
+def _mixed_quantization_config(groups: dict, ignored: tuple[str, ...]):
+    """Several config groups, each targeting its layers by exact module name; ``mixed-precision`` when their
+    compression formats differ (an NVFP4 group beside integer ones), else their one format."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    schemes = {}
+    for i, (fmt, names) in enumerate(groups.values()):
+        scheme = block_scheme(fmt) if fmt.is_block_scaled else _int_scheme(fmt, names)
+        schemes[f"group_{i}"] = scheme.model_copy(update={"targets": list(names)})
+    formats = {scheme.format for scheme in schemes.values()}
+    top = formats.pop() if len(formats) == 1 else "mixed-precision"
+    return QuantizationConfig(config_groups=schemes, ignore=list(ignored), format=top, quantization_status="compressed")
 
 
 def layer_tensors(name: str, module: QuantizedLinear) -> dict[str, torch.Tensor]:
@@ -247,7 +273,7 @@ def _write_weights(model: nn.Module, quantized: dict[str, QuantizedLinear], fold
     return list(split.filename_to_tensors)
 
 
-def _write_config(model: nn.Module, config, folder: Path, fmt: QuantFormat) -> None:
+def _write_config(model: nn.Module, config, folder: Path, fmts: list[QuantFormat]) -> None:
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
 
     model.config.save_pretrained(folder)
@@ -256,7 +282,10 @@ def _write_config(model: nn.Module, config, folder: Path, fmt: QuantFormat) -> N
     ModelCompressor(quantization_config=config).update_config(str(folder))
     path = folder / "config.json"
     document = json.loads(path.read_text())
-    document["quantization_config"]["quantlab"] = range_description(fmt)
+    description = range_description(fmts[0])
+    if len(fmts) > 1:  # per group, in the order of config_groups
+        description = {"weight_format": "mixed", "groups": {f"group_{i}": range_description(f) for i, f in enumerate(fmts)}}
+    document["quantization_config"]["quantlab"] = description
     path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 

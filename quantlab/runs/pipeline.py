@@ -109,7 +109,7 @@ def _processor(method: str) -> Callable:
 def _size(model: nn.Module, config: QuantConfig, structure: ModelStructure) -> tuple[float, int]:
     """Bits per quantized weight and total bytes, as the model would be stored."""
     if config.weight_format is not None:
-        size = model_size(model, config.weight_format)
+        size = model_size(model, config.weight_format, layer_formats=dict(config.layer_formats) or None)
         return size.bits_per_weight, size.total_bytes
     linears = structure.linears
     dtype_bits = 8 * model.get_submodule(linears[0].name).weight.element_size() if linears else 32
@@ -144,9 +144,14 @@ def check_config_fits(model: nn.Module, config: QuantConfig, structure: ModelStr
                           f"the model's context of {context} positions; use --calib-len {context} or less")
     if config.weight_format is None:
         return
-    for info in (structure or describe(model)).linears:
+    linears = (structure or describe(model)).linears
+    unknown = sorted(set(dict(config.layer_formats)) - {info.name for info in linears})
+    if unknown:
+        raise FormatError(f"{config.name}: the plan names layers this model does not have ({', '.join(unknown[:3])}); "
+                          "make the plan on this model")
+    for info in linears:
         try:
-            check_format_fits((info.out_features, info.in_features), config.weight_format)
+            check_format_fits((info.out_features, info.in_features), config.format_for(info.name))
         except FormatError as exc:
             raise FormatError(f"{config.name}: {info.name} ({info.out_features}x{info.in_features}): {exc}") from None
         n_bad = (~torch.isfinite(weight_matrix(model.get_submodule(info.name)))).sum().item()

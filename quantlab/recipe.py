@@ -10,8 +10,11 @@ and the CLI take::
     >>> parse_config_name("w8a8-smoothquant").act.n_bits
     8
 
-Grammar: ``[rot-][METHOD-]FORMAT[-aBITS[-static]][-kv-KVFORMAT[-per-head]]``, with ``METHOD`` rtn by
-default, plus ``fp``, ``fp-kv-int8`` and the aliases in ``ALIASES``.
+Grammar: ``[rot-|rot1-|rot4-][METHOD-]FORMAT[-aBITS[-static]][-kv-KVFORMAT[-per-head]]``, with ``METHOD`` rtn by
+default, plus ``fp``, ``fp-kv-int8`` and the aliases in ``ALIASES``. ``rot-`` rotates as QuaRot does:
+the residual stream (fused) and each down_proj's input (online Hadamard, its inverse fused into
+down_proj); ``rot1-`` rotates the residual stream alone (SpinQuant's R1), nothing online; ``rot4-`` the
+down_proj inputs alone (R4), the one rotation valid for a post-norm encoder (BERT, MiniLM).
 
 A run returns a ``RunResult``: one ``LayerResult`` per quantized linear and a summary (bits per
 weight, bytes, quality, and the searches of AWQ/SmoothQuant), all convertible to plain JSON.
@@ -179,6 +182,9 @@ class QuantConfig:
     awq: AWQParams = field(default_factory=AWQParams)
     smooth_alpha: float = 0.5  # SmoothQuant migration strength: 0 keeps activations, 1 moves all to weights
     rotate: bool = False  # first fuse a randomized Hadamard rotation of the residual stream (algorithms.rotation)
+    # rotate each down-projection's input online (its inverse fused into the weight): rot- is both, as QuaRot;
+    # rot1- the residual alone (SpinQuant's R1), rot4- this alone (R4; the one valid for post-norm BERT)
+    rotate_down: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -193,14 +199,15 @@ class QuantConfig:
             raise FormatError("smoothquant smooths activations for quantization; add --act int8")
         if not 0 <= self.smooth_alpha <= 1:
             raise FormatError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.rotate and self.weight_format is None:
+        if (self.rotate or self.rotate_down) and self.weight_format is None:
             raise FormatError("rotation prepares weights for quantization; give a weight format (rot-int4-g128)")
         if not self.name:
             object.__setattr__(self, "name", self.canonical_name)
 
     @property
     def canonical_name(self) -> str:
-        parts = ["rot"] * self.rotate + [self.method] + ([self.weight_format.name] if self.weight_format else [])
+        rotation = [_ROT_NAMES[self.rotate, self.rotate_down]] if self.rotate or self.rotate_down else []
+        parts = rotation + [self.method] + ([self.weight_format.name] if self.weight_format else [])
         parts += [spec.name for spec in (self.act, self.kv) if spec is not None]
         return "-".join(parts)
 
@@ -228,7 +235,8 @@ class QuantConfig:
         nested = {"act": ActSpec, "kv": KVSpec, "calib": CalibConfig, "gptq": GPTQParams, "awq": AWQParams}
         kwargs = {key: kind(**data[key]) for key, kind in nested.items() if data.get(key) is not None}
         return cls(name=data.get("name", ""), method=data["method"], weight_format=fmt,
-                   smooth_alpha=data.get("smooth_alpha", 0.5), rotate=data.get("rotate", False), **kwargs)
+                   smooth_alpha=data.get("smooth_alpha", 0.5), rotate=data.get("rotate", False),
+                   rotate_down=data.get("rotate_down", False), **kwargs)
 
 
 def _format_fields(fmt: QuantFormat | None) -> dict | None:
@@ -245,6 +253,8 @@ ALIASES = {
 }
 _KV_SUFFIX = re.compile(r"-?kv-(?P<fmt>int8|int4|fp8)(?P<head>-per-head)?$")
 _ACT_SUFFIX = re.compile(r"-a(?P<bits>[0-9]{1,3})(?P<static>-static)?$")  # ASCII, bounded, as QuantFormat.parse
+_ROT_PREFIX = re.compile(r"^(?P<kind>rot[14]?)-")
+_ROT_NAMES = {(True, True): "rot", (True, False): "rot1", (False, True): "rot4"}  # (residual, down) -> prefix
 _METHOD_PREFIX = re.compile(r"^(?P<method>fp|rtn|gptq|awq|smoothquant|sq)(-|$)")
 
 
@@ -255,8 +265,11 @@ def parse_config_name(text: str, **overrides) -> QuantConfig:
     """
     original = text
     text = text.strip().lower()
-    rotate = text.startswith("rot-")  # rot-int4-g128, rot-gptq-int4-g128, rot-w4a8
-    text = text.removeprefix("rot-")
+    # rot-int4-g128, rot-gptq-int4-g128, rot-w4a8: residual + online down_proj; rot1- / rot4-: one of them
+    rotation = _ROT_PREFIX.match(text)
+    rotate, rotate_down = (False, False) if rotation is None else \
+        next(kinds for kinds, prefix in _ROT_NAMES.items() if prefix == rotation["kind"])
+    text = text[rotation.end():] if rotation else text
     text = ALIASES.get(text, text)
     kv = act = None
     if match := _KV_SUFFIX.search(text):
@@ -275,7 +288,7 @@ def parse_config_name(text: str, **overrides) -> QuantConfig:
         fmt = QuantFormat.parse(text) if text else None
     except FormatError as exc:
         raise FormatError(f"cannot read configuration {original!r}: {exc}") from None
-    config = QuantConfig(method=method, weight_format=fmt, act=act, kv=kv, rotate=rotate)
+    config = QuantConfig(method=method, weight_format=fmt, act=act, kv=kv, rotate=rotate, rotate_down=rotate_down)
     return replace(config, **overrides) if overrides else config
 
 

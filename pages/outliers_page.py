@@ -17,13 +17,13 @@ MARKS = {"awq_protects": "AWQ scales up (salient)", "smoothquant_migrates": "Smo
 
 
 @cached_view(spinner="Rotating a copy of the model…")
-def _rotation(key: str, block: int, _loaded) -> tuple:
+def _rotation(key: str, block: int, linear: str, _loaded) -> tuple:
     ids = calibration_set(_loaded.tokenizer, CalibConfig(n_samples=4, seq_len=128, source="heldout"))
-    channels, summary = rotation_view.rotation_channels(_loaded.model, ids, block)
+    channels, summary = rotation_view.rotation_channels(_loaded.model, ids, block, linear=linear)
     figure = plots.overlaid_histograms_figure(
         {"before": channels.assign(center=channels["channel"], count=channels["before"]),
          "after": channels.assign(center=channels["channel"], count=channels["after"])},
-        f"Block {block} q_proj input: largest |x| per channel", "channel")
+        f"Block {block} {linear} input: largest |x| per channel", "channel")
     return channels, summary, figure
 
 
@@ -120,15 +120,19 @@ st.dataframe(kurtosis, hide_index=True, width="stretch")
 download_table(kurtosis, "outlier_kurtosis")
 
 st.subheader("Hadamard rotation: before and after")
-st.write("A randomized Hadamard rotation of the residual stream (QuaRot / SpinQuant's R1), fused into the weights, "
-         "computes the same function but spreads every channel over all the others: the inputs of a block's "
-         "q_proj before and after, on held-out text. Llama-style models only.")
+st.write("A randomized Hadamard rotation (QuaRot: the `rot-` configurations) computes the same function but "
+         "spreads every channel over all the others: the residual stream, fused into the weights (what q_proj "
+         "reads), and down_proj's input, rotated online with its inverse fused into down_proj. One block's "
+         "inputs before and after, on held-out text. Llama-style models only.")
 loaded_model = current_model()
 block_count = len(getattr(getattr(loaded_model.model, "model", None), "layers", [])) if loaded_model else 0
-block = int(st.number_input("Block", 0, max(block_count - 1, 0), 0, key="o_rot_block", disabled=not block_count))
+left, right = st.columns(2)
+block = int(left.number_input("Block", 0, max(block_count - 1, 0), 0, key="o_rot_block", disabled=not block_count))
+rotated_input = right.radio("Input of", tuple(rotation_view.ROTATED_INPUTS), horizontal=True, key="o_rot_linear",
+                            disabled=not block_count)
 if block_count and st.button("Rotate a copy and compare", key="o_rotate"):
     with user_errors():
-        channels, summary, figure = _rotation(results_key(), block, loaded_model)
+        channels, summary, figure = _rotation(results_key(), block, rotated_input, loaded_model)
     st.plotly_chart(figure, key="o_rot_chart")
     st.dataframe(summary, hide_index=True, width="stretch")
     download_table(channels, "outlier_rotation_channels")

@@ -10,8 +10,11 @@ and the CLI take::
     >>> parse_config_name("w8a8-smoothquant").act.n_bits
     8
 
-Grammar: ``[rot-][METHOD-]FORMAT[-aBITS[-static]][-kv-KVFORMAT[-per-head]]``, with ``METHOD`` rtn by
-default, plus ``fp``, ``fp-kv-int8`` and the aliases in ``ALIASES``.
+Grammar: ``[rot-|rot1-|rot4-][METHOD-]FORMAT[-aBITS[-static]][-kv-KVFORMAT[-per-head]]``, with ``METHOD`` rtn by
+default, plus ``fp``, ``fp-kv-int8`` and the aliases in ``ALIASES``. ``rot-`` rotates as QuaRot does:
+the residual stream (fused) and each down_proj's input (online Hadamard, its inverse fused into
+down_proj); ``rot1-`` rotates the residual stream alone (SpinQuant's R1), nothing online; ``rot4-`` the
+down_proj inputs alone (R4), the one rotation valid for a post-norm encoder (BERT, MiniLM).
 
 A run returns a ``RunResult``: one ``LayerResult`` per quantized linear and a summary (bits per
 weight, bytes, quality, and the searches of AWQ/SmoothQuant), all convertible to plain JSON.
@@ -180,6 +183,9 @@ class QuantConfig:
     awq: AWQParams = field(default_factory=AWQParams)
     smooth_alpha: float = 0.5  # SmoothQuant migration strength: 0 keeps activations, 1 moves all to weights
     rotate: bool = False  # first fuse a randomized Hadamard rotation of the residual stream (algorithms.rotation)
+    # rotate each down-projection's input online (its inverse fused into the weight): rot- is both, as QuaRot;
+    # rot1- the residual alone (SpinQuant's R1), rot4- this alone (R4; the one valid for post-norm BERT)
+    rotate_down: bool = False
     # Mixed precision: (linear name, format) pairs that replace ``weight_format`` for those linears
     # (a plan under a size budget, quantlab.analysis.plan). Sorted by name, so equal plans compare equal.
     layer_formats: tuple[tuple[str, QuantFormat], ...] = ()
@@ -197,7 +203,7 @@ class QuantConfig:
             raise FormatError("smoothquant smooths activations for quantization; add --act int8")
         if not 0 <= self.smooth_alpha <= 1:
             raise FormatError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.rotate and self.weight_format is None:
+        if (self.rotate or self.rotate_down) and self.weight_format is None:
             raise FormatError("rotation prepares weights for quantization; give a weight format (rot-int4-g128)")
         self._check_layer_formats()
         if not self.name:
@@ -228,12 +234,13 @@ class QuantConfig:
 
     @property
     def canonical_name(self) -> str:
+        rotation = [_ROT_NAMES[self.rotate, self.rotate_down]] if self.rotate or self.rotate_down else []
         if self.layer_formats:  # the formats and their counts: "rtn-mixed-int8x3-int4-g128x25"
             counts = {}
             for _, fmt in self.layer_formats:
                 counts[fmt.name] = counts.get(fmt.name, 0) + 1
-            return "-".join([self.method, "mixed"] + [f"{name}x{n}" for name, n in counts.items()])
-        parts = ["rot"] * self.rotate + [self.method] + ([self.weight_format.name] if self.weight_format else [])
+            return "-".join(rotation + [self.method, "mixed"] + [f"{name}x{n}" for name, n in counts.items()])
+        parts = rotation + [self.method] + ([self.weight_format.name] if self.weight_format else [])
         parts += [spec.name for spec in (self.act, self.kv) if spec is not None]
         return "-".join(parts)
 
@@ -260,7 +267,7 @@ class QuantConfig:
         kwargs = {key: kind(**data[key]) for key, kind in nested.items() if data.get(key) is not None}
         return cls(name=data.get("name", ""), method=data["method"], weight_format=fmt,
                    smooth_alpha=data.get("smooth_alpha", 0.5), rotate=data.get("rotate", False),
-                   layer_formats=layer_formats, **kwargs)
+                   rotate_down=data.get("rotate_down", False), layer_formats=layer_formats, **kwargs)
 
 
 def _format_fields(fmt: QuantFormat | None) -> dict | None:
@@ -284,6 +291,8 @@ ALIASES = {
 }
 _KV_SUFFIX = re.compile(r"-?kv-(?P<fmt>int8|int4|fp8)(?P<head>-per-head)?$")
 _ACT_SUFFIX = re.compile(r"-a(?P<bits>[0-9]{1,3})(?P<static>-static)?$")  # ASCII, bounded, as QuantFormat.parse
+_ROT_PREFIX = re.compile(r"^(?P<kind>rot[14]?)-")
+_ROT_NAMES = {(True, True): "rot", (True, False): "rot1", (False, True): "rot4"}  # (residual, down) -> prefix
 _METHOD_PREFIX = re.compile(r"^(?P<method>fp|rtn|gptq|awq|smoothquant|sq)(-|$)")
 
 
@@ -294,8 +303,11 @@ def parse_config_name(text: str, **overrides) -> QuantConfig:
     """
     original = text
     text = text.strip().lower()
-    rotate = text.startswith("rot-")  # rot-int4-g128, rot-gptq-int4-g128, rot-w4a8
-    text = text.removeprefix("rot-")
+    # rot-int4-g128, rot-gptq-int4-g128, rot-w4a8: residual + online down_proj; rot1- / rot4-: one of them
+    rotation = _ROT_PREFIX.match(text)
+    rotate, rotate_down = (False, False) if rotation is None else \
+        next(kinds for kinds, prefix in _ROT_NAMES.items() if prefix == rotation["kind"])
+    text = text[rotation.end():] if rotation else text
     text = ALIASES.get(text, text)
     kv = act = None
     if match := _KV_SUFFIX.search(text):
@@ -314,7 +326,7 @@ def parse_config_name(text: str, **overrides) -> QuantConfig:
         fmt = QuantFormat.parse(text) if text else None
     except FormatError as exc:
         raise FormatError(f"cannot read configuration {original!r}: {exc}") from None
-    config = QuantConfig(method=method, weight_format=fmt, act=act, kv=kv, rotate=rotate)
+    config = QuantConfig(method=method, weight_format=fmt, act=act, kv=kv, rotate=rotate, rotate_down=rotate_down)
     return replace(config, **overrides) if overrides else config
 
 

@@ -70,6 +70,27 @@ def test_every_page_renders_without_an_exception(app_url, screenshots):
         browser.close()
 
 
+def test_outliers_rotation_before_and_after(app_url, screenshots):
+    """The Outliers page rotates a copy and draws block 0's down_proj input before and after (README's shot)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1440, "height": 1300})
+        page.goto(f"{app_url}/outliers")
+        wait_settled(page, "Outliers")
+        page.get_by_text("down_proj", exact=True).click()
+        wait_settled(page, "Outliers")
+        page.get_by_role("button", name="Rotate a copy and compare").click()
+        page.locator(".gtitle", has_text="down_proj input").wait_for(timeout=180_000)
+        wait_settled(page, "Outliers")
+        assert page.locator(EXCEPTION).count() == 0
+        heading = page.locator("h3", has_text="Hadamard rotation: before and after")
+        heading.evaluate("element => element.scrollIntoView({block: 'start'})")
+        page.screenshot(path=str(screenshots / "outliers-rotation.png"))
+        browser.close()
+
+
 RAW_PAGE_NAMES = sorted({path.stem.replace("_", " ") for path in Path("pages").glob("*.py")} | {"app"})
 WATCH_SIDEBAR = """() => ({
     links: [...document.querySelectorAll('[data-testid="stSidebar"] a')].map(a => a.innerText.split('\\n').pop()),

@@ -26,6 +26,7 @@ from torch import nn
 
 from quantlab.calibrate.activations import calibrated_quantizer
 from quantlab.models.architectures import ArchSpec, is_linear, weight_matrix
+from quantlab.models.quantized import input_transform_of
 from quantlab.errors import QuantizationError
 from quantlab.numerics.primitives import Quantized
 
@@ -50,6 +51,8 @@ def _foldable(block: nn.Module, prev: str, linears: tuple[str, ...], available: 
     """All linears present, and a linear ``prev`` produces exactly their input width (not GQA's v->o)."""
     if not set(linears) <= available:
         return False
+    if any(input_transform_of(block.get_submodule(name)) is not None for name in linears):
+        return False  # the producer's output is rotated before it reaches them: a per-channel 1/s cannot pass
     try:
         prev_module = block.get_submodule(prev)
     except AttributeError:

@@ -32,11 +32,14 @@ class QuantizedLinear(nn.Module):
     into the previous op; the weight it pairs with is already multiplied by it). ``act_quantizer``
     fake-quantizes the input (W8A8). ``in_perm`` is set when GPTQ's act-order stored the codes with
     permuted input columns: column ``j`` of the codes is input feature ``in_perm[j]``.
+    ``input_transform`` (a module, e.g. the online Hadamard rotation QuaRot puts before down_proj)
+    maps the input first; everything else (scales, quantizer, codes) is about the transformed input.
     """
 
     def __init__(self, quantized: Quantized, bias: torch.Tensor | None = None, *,
                  input_scale: torch.Tensor | None = None, in_perm: torch.Tensor | None = None,
-                 act_quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 act_quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 input_transform: nn.Module | None = None) -> None:
         super().__init__()
         if quantized.codes.dim() != 2:
             raise FormatError(f"a linear weight is 2-D (out, in), got codes of shape {tuple(quantized.codes.shape)}")
@@ -52,6 +55,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().clone())
         self.register_buffer("in_perm", in_perm)
         self.act_quantizer = act_quantizer
+        self.input_transform = input_transform
 
     @property
     def quantized(self) -> Quantized:
@@ -72,6 +76,8 @@ class QuantizedLinear(nn.Module):
         return packed + sum(t.numel() * t.element_size() for t in extras)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         if self.act_quantizer is not None:
@@ -86,11 +92,33 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, module: nn.Module, quantized: Quantized, **kwargs) -> QuantizedLinear:
-        """Replace ``module`` (nn.Linear or GPT-2 Conv1D): keeps its bias, checks the shape."""
+        """Replace ``module`` (nn.Linear or GPT-2 Conv1D): keeps its bias and input transform, checks the shape."""
         expected = tuple(weight_matrix(module).shape)
         if tuple(quantized.codes.shape) != expected:
             raise FormatError(f"quantized weight {tuple(quantized.codes.shape)} does not match the layer's (out, in) {expected}")
-        return cls(quantized, getattr(module, "bias", None), **kwargs)
+        return cls(quantized, getattr(module, "bias", None), input_transform=input_transform_of(module), **kwargs)
+
+
+def input_transform_of(module: nn.Module) -> nn.Module | None:
+    """The transform ``module`` applies to its input before its weight (see ``attach_input_transform``), or None."""
+    return getattr(module, "input_transform", None)
+
+
+def attach_input_transform(linear: nn.Module, transform: nn.Module) -> None:
+    """Make the full-precision ``linear`` compute W(transform(x)), in place (``linear`` must be a private copy).
+
+    A forward pre-hook, registered now, so it runs before any hook registered later: calibration's
+    input recorders then see the transformed input, the one the fused weight multiplies, and
+    ``QuantizedLinear.from_linear`` carries the transform over.
+    """
+    if input_transform_of(linear) is not None:
+        raise FormatError("this linear already transforms its input; rotate the original model, not a rotated copy")
+    linear.input_transform = transform
+    linear.register_forward_pre_hook(_transform_input)
+
+
+def _transform_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_transform(args[0]), *args[1:])
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

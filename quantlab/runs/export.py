@@ -146,6 +146,10 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
         elif module.fmt.kind != "int":
             raise FormatError(f"{name} is {module.fmt.name}; pack-quantized holds integer formats "
                               "(int2..int8), and nvfp4-/mxfp4-pack-quantized NVFP4 and MXFP4; not FP8 or NF4")
+        if module.input_transform is not None:
+            raise FormatError(f"{name} rotates its input online (the Hadamard a rot- configuration puts before "
+                              "down_proj), which a checkpoint written here would not carry; export a rot1- run "
+                              "(the residual rotation alone, fused into the weights) or one without rotation")
         if module.input_scale is not None:
             raise FormatError(f"{name} divides its input by smoothing scales that were not folded into the "
                               "op before it, and pack-quantized has no place for them; use a method or "

@@ -179,7 +179,9 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
         calib_ids = session.calibration_ids(config.calib)  # built once per session and set: timed apart
         calib_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    source = rotate_model(loaded.model) if config.rotate else loaded.model  # a rotated copy: same function
+    # a rotated copy computes the same function; the shared model stays as it is
+    rotated = config.rotate or config.rotate_down
+    source = rotate_model(loaded.model, down_proj=config.rotate_down, residual=config.rotate) if rotated else loaded.model
     if config.method != "fp":
         clock = BlockClock(max(loaded.structure.n_blocks, 1))  # block 1 is the probe for the time left
         run = run_blocks(source, calib_ids, _processor(config.method), config, structure=loaded.structure,

@@ -391,12 +391,16 @@ def progress_callback(container=None):
 
 # --- downloads ---------------------------------------------------------------------------------
 def download_table(table: pd.DataFrame, name: str, key: str | None = None) -> None:
-    """CSV and JSON download buttons for a table."""
+    """CSV and JSON download buttons for a table.
+
+    The files are written when a button is clicked (a callable ``data``), not on every run of the page: a
+    Playground step would otherwise serialize four tables twice each; and a download does not rerun the page.
+    """
     left, right = st.columns(2)
-    left.download_button("Download CSV", table.to_csv(index=False), f"{name}.csv", "text/csv",
-                         key=f"csv-{key or name}", width="stretch")
-    right.download_button("Download JSON", table.to_json(orient="records", indent=1), f"{name}.json",
-                          "application/json", key=f"json-{key or name}", width="stretch")
+    left.download_button("Download CSV", lambda: table.to_csv(index=False), f"{name}.csv", "text/csv",
+                         key=f"csv-{key or name}", width="stretch", on_click="ignore")
+    right.download_button("Download JSON", lambda: table.to_json(orient="records", indent=1), f"{name}.json",
+                          "application/json", key=f"json-{key or name}", width="stretch", on_click="ignore")
 
 
 def download_json(document, name: str, label: str = "Download JSON", key: str | None = None) -> None:

@@ -282,3 +282,33 @@ def test_compare_page_puts_configurations_side_by_side():
     generations = [c.value for c in at.code]
     assert len(generations) == 3 and all(g.startswith("def read_config(path):") for g in generations)
     assert at.get("plotly_chart")
+
+
+def test_size_page_shows_the_gguf_references_as_sizes_only():
+    at = open_page("size")
+    here, scaled = at.dataframe[2].value, at.dataframe[3].value
+    assert list(here["format"]) == ["gguf-Q8_0", "gguf-Q4_0", "gguf-Q4_K", "gguf-Q5_K", "gguf-Q6_K"]
+    assert here["bits_per_weight"].tolist() == pytest.approx([8.5, 4.5, 4.5, 5.5, 6.5625])
+    assert set(scaled["model"]) == {"7B", "70B"} and (scaled["note"].str.contains("quality not simulated")).all()
+    assert any("quality not simulated" in m.value for m in at.markdown)
+
+
+def test_mixed_precision_page_plans_under_the_budget_and_measures_the_plan():
+    at = open_page("mixed")
+    at.multiselect(key="m_candidates").set_value(["int8", "int4-g128"])
+    at.select_slider(key="m_tokens").set_value(256)
+    at.button(key="m_measure").click().run()
+    assert not at.exception
+    at.number_input(key="m_bpw").set_value(6.0).run()
+    plan = at.dataframe[0].value
+    assert len(plan) == 28 and set(plan["format"]) == {"int8-per-channel", "int4-g128"}
+    assert 8 * plan["bytes"].sum() / plan["params"].sum() <= 6.0
+    assert float(metrics(at)["Bits per weight"]) <= 6.0
+    small_settings(at, "m")
+    at.button(key="m_run").click().run()
+    assert not at.exception
+    comparison = at.dataframe[1].value
+    assert list(comparison["kind"]) == ["plan", "uniform", "uniform"]
+    assert comparison["bits_per_weight"].iloc[0] == pytest.approx(8 * plan["bytes"].sum() / plan["params"].sum())
+    assert (comparison["measured_perplexity"] > 1).all() and comparison["measured_kl"].iloc[0] > 0
+    assert len(at.get("plotly_chart")) == 2

@@ -201,3 +201,37 @@ def test_the_plan_command_refuses_a_budget_no_plan_fits(tiny_model_dirs, capsys)
     assert code == 2 and "below the smallest plan" in err and err.count("\n") == 1
     code = main(["plan", str(tiny_model_dirs["llama"]), "--budget-bpw", "5", "--candidates", "int4-g128"])
     assert code == 2 and "cannot store" in capsys.readouterr().err  # g128 does not divide 64-wide rows
+
+
+# --- GGUF size references -----------------------------------------------------------------------
+def test_gguf_bits_per_weight_are_the_published_block_structs():
+    from quantlab.models.gguf import GGUF_TYPES, gguf_type
+
+    expected = {"Q8_0": (32, 34, 8.5), "Q4_0": (32, 18, 4.5), "Q4_K": (256, 144, 4.5), "Q5_K": (256, 176, 5.5),
+                "Q6_K": (256, 210, 6.5625)}
+    assert {t.name: (t.block_size, t.block_bytes, t.bits_per_weight) for t in GGUF_TYPES} == expected
+    assert gguf_type("q4_k").tensor_bytes(4096, 4096) == 4096 * 16 * 144
+    with pytest.raises(FormatError, match="not a whole number of blocks"):
+        gguf_type("Q6_K").tensor_bytes(64, 200)
+
+
+def test_gguf_references_size_the_reference_models_exactly():
+    from quantlab.analysis import sizes
+
+    table = sizes.gguf_reference_sizes()
+    seven = table[(table["model"] == "7B")].set_index("format")
+    int8 = sizes.reference_sizes([QuantFormat.parse("int8")]).query("model == '7B'").iloc[0]
+    q8 = seven.loc["gguf-Q8_0"]
+    assert q8["weight_bytes"] == int8["quantized_params"] * 34 // 32  # every linear: 34 bytes per 32 weights
+    assert q8["total_bytes"] == q8["weight_bytes"] + int8["full_precision_bytes"]
+    assert seven["bits_per_weight"].to_dict() == pytest.approx(
+        {"gguf-Q8_0": 8.5, "gguf-Q4_0": 4.5, "gguf-Q4_K": 4.5, "gguf-Q5_K": 5.5, "gguf-Q6_K": 6.5625})
+    assert (table["note"].str.contains("quality not simulated")).all()
+
+
+def test_gguf_references_refuse_rows_that_are_not_whole_blocks(tiny_model_dirs):
+    from quantlab.analysis import sizes
+
+    table = sizes.gguf_sizes(load_model(tiny_model_dirs["llama"], device="cpu")).set_index("format")
+    assert table.loc["gguf-Q8_0", "bits_per_weight"] == 8.5 and table.loc["gguf-Q8_0", "total_bytes"] > 0
+    assert "cannot store this model" in table.loc["gguf-Q4_K", "note"]  # 64-wide rows, 256-value blocks

@@ -10,6 +10,9 @@ import torch
 from quantlab.algorithms.rotation import hadamard_rotation, rotate_model
 from quantlab.errors import FormatError
 from quantlab.numerics.hadamard import HadamardTransform, fwht
+from quantlab.recipe import CalibConfig
+
+SMALL_CALIB = CalibConfig(n_samples=8, seq_len=64)  # enough tokens to calibrate; the tests check wiring, not quality
 
 
 def test_randomized_hadamard_is_orthogonal():
@@ -120,7 +123,7 @@ def test_rot_configurations_run_with_the_online_down_proj_rotation(bundled_lm, n
     from quantlab.recipe import parse_config_name
     from quantlab.runs.pipeline import quantize_model
 
-    model, result = quantize_model(bundled_lm, parse_config_name(name), evaluate_quality=False)
+    model, result = quantize_model(bundled_lm, parse_config_name(name, calib=SMALL_CALIB), evaluate_quality=False)
     assert result.config.name.startswith("rot-") and len(result.layers) == 28
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantizedLinear) and isinstance(down.input_transform, HadamardTransform)
@@ -140,7 +143,10 @@ def test_awq_after_rotation_keeps_down_proj_scales_unfolded_and_export_refuses(b
     from quantlab.runs.export import export_compressed
     from quantlab.runs.pipeline import quantize_model
 
-    model, _ = quantize_model(bundled_lm, parse_config_name("rot-awq-int4-g128"), evaluate_quality=False)
+    from quantlab.recipe import AWQParams
+
+    config = parse_config_name("rot-awq-int4-g128", calib=SMALL_CALIB, awq=AWQParams(n_grid=4, clip_search=False))
+    model, _ = quantize_model(bundled_lm, config, evaluate_quality=False)
     block = model.model.layers[0]
     # up_proj's rows cannot absorb 1/s: the rotation mixes its outputs before down_proj reads them
     assert block.mlp.down_proj.input_scale is not None and block.self_attn.q_proj.input_scale is None

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import subprocess
 import sys
 import time
@@ -36,11 +38,14 @@ import torch  # noqa: E402
 
 from quantlab.calibrate.runner import calibration_set  # noqa: E402
 from quantlab.evaluation import EvalConfig, load_text  # noqa: E402
+from quantlab.evaluation.fidelity import embed  # noqa: E402
+from quantlab.evaluation.uncertainty import paired_difference, ratio_mean  # noqa: E402
 from quantlab.evaluation.perplexity import perplexity  # noqa: E402
-from quantlab.models.loading import load_model  # noqa: E402
+from quantlab.models.loading import BUNDLED_ENCODER, BUNDLED_LM, load_model  # noqa: E402
 from quantlab.recipe import CalibConfig, parse_config_name  # noqa: E402
 from quantlab.runs.export import export_compressed  # noqa: E402
 from quantlab.runs.pipeline import QuantSession, quantize_model  # noqa: E402
+from quantlab.texts.sources import sentences  # noqa: E402
 
 # (QuantLab configuration, llm-compressor method, llm-compressor scheme)
 CASES = {
@@ -55,7 +60,10 @@ CASES = {
     "rtn-int3-g128": ("rtn", "W3A16_G128"),
     "gptq-int3-g128": ("gptq", "W3A16_G128"),
 }
-MODEL_DIR = ROOT / "assets" / "models" / "pystdlib-llama-4m"
+# The encoder (MiniLM) runs the methods llm-compressor's oneshot can apply to a BertModel: AWQ's
+# smoothing mappings are written for decoder blocks (q/k/v after a norm), so it has none for BERT.
+ENCODER_CASES = ("rtn-int4-g128", "rtn-int4-g128-asym", "gptq-int4-g128", "gptq-int4-g128-asym")
+MODELS = {"lm": BUNDLED_LM, "minilm": BUNDLED_ENCODER}
 EVAL = EvalConfig(ctx=256, max_tokens=16_384)
 
 
@@ -78,20 +86,33 @@ def quantlab_case(loaded, session: QuantSession, name: str, calib: CalibConfig, 
     return result.seconds
 
 
-def peer_case(peer_python: str, method: str, scheme: str, calib_file: Path, out: Path) -> float:
+def peer_case(peer_python: str, loaded, method: str, scheme: str, calib_file: Path, out: Path) -> float:
     """llm-compressor's run in its own interpreter; returns its quantization wall time."""
-    command = [peer_python, str(ROOT / "bench" / "peer_llmcompressor.py"), "--model", str(MODEL_DIR),
+    command = [peer_python, str(ROOT / "bench" / "peer_llmcompressor.py"), "--model", loaded.source,
                "--calib", str(calib_file), "--method", method, "--scheme", scheme, "--out", str(out)]
+    if loaded.kind == "encoder":
+        command.append("--encoder")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor {method} {scheme} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def score(loaded, text: str, folder: Path | None) -> float:
-    """Perplexity of a checkpoint as compressed-tensors decompresses it (``None``: full precision)."""
-    if folder is None:
-        return perplexity(loaded.model, loaded.tokenizer, text, EVAL).perplexity
+def score(loaded, session: QuantSession, text: str, folder: Path | None) -> dict:
+    """A checkpoint as compressed-tensors decompresses it (``None``: full precision), scored: perplexity
+    and each window's summed NLL (LM), or fidelity and each sentence's cosine (encoder)."""
+    model = loaded.model if folder is None else decompressed(loaded, folder)
+    if loaded.kind == "encoder":  # the bundled held-out text's sentences, against the fp embeddings
+        chosen = sentences(text, session.eval_config.n_sentences)
+        embedded = embed(model, loaded.tokenizer, chosen, max_tokens=session.eval_config.max_sentence_tokens)
+        cosines = torch.nn.functional.cosine_similarity(embedded.double(), session.reference().double(), dim=-1)
+        return {"ppl": float(cosines.mean()), "cosines": cosines.tolist()}
+    result = perplexity(model, loaded.tokenizer, text, EVAL)
+    return {"ppl": result.perplexity, "window_nll": list(result.window_nll), "window_tokens": list(result.window_tokens)}
+
+
+def decompressed(loaded, folder: Path):
+    """A copy of the full-precision model with the linears' weights of ``folder``'s checkpoint."""
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
     from safetensors.torch import load_file
 
@@ -100,20 +121,52 @@ def score(loaded, text: str, folder: Path | None) -> float:
     model = copy.deepcopy(loaded.model)
     state = model.state_dict()
     replaced = {k: v for k, v in weights.items() if k.endswith(".weight") and k in state}
-    missing = [k for k in state if k.endswith("_proj.weight") and k not in replaced]
+    missing = [i.name for i in loaded.structure.linears if f"{i.name}.weight" not in replaced]
     if missing:
         raise RuntimeError(f"{folder}: no weights for {missing[:3]}")
     model.load_state_dict(replaced, strict=False)
-    return perplexity(model, loaded.tokenizer, text, EVAL).perplexity
+    return model
+
+
+def paired_ratio(kind: str, ours: dict, theirs: dict) -> tuple[float, float]:
+    """QuantLab's loss over the peer's (<= 1: QuantLab at least as good) and its paired standard error.
+
+    LM: PPL ratio exp(mean NLL difference) over the same windows, SE by the delta method. Encoder:
+    the ratio of mean cosine distances sum(1 - cos_q) / sum(1 - cos_p) over the same sentences, with
+    the ratio estimator's SE (fidelity itself is higher-is-better)."""
+    if kind == "causal":
+        diff = paired_difference(ours["window_nll"], theirs["window_nll"], ours["window_tokens"])
+        ratio = math.exp(diff.mean)
+        return ratio, ratio * diff.se
+    estimate = ratio_mean([1 - c for c in ours["cosines"]], [1 - c for c in theirs["cosines"]])
+    return estimate.mean, estimate.se
 
 
 def cached(done: dict, key: str, results_file: Path, compute) -> dict:
-    """``done[key]``, computed (and saved with everything done so far) when missing."""
-    if key not in done:
-        start = time.perf_counter()
-        done[key] = compute()
-        print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        results_file.write_text(json.dumps(done, indent=1))
+    """``done[key]``, computed (and saved with everything done so far) when missing.
+
+    Several runs of this script (different cases, in parallel) may share one results file: a result
+    another run saved is taken from the file, and one another run is computing (its lock file
+    exists) is waited for rather than computed twice into the same checkpoint folder."""
+    lock = results_file.with_name(key.replace("|", "_") + ".lock")
+    while key not in done:
+        if results_file.exists():
+            done |= {k: v for k, v in json.loads(results_file.read_text()).items() if k == key}
+        if key in done:
+            break
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(10)  # another run holds it; its result lands in the file
+            continue
+        try:
+            start = time.perf_counter()
+            done[key] = compute()
+            print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            on_disk = json.loads(results_file.read_text()) if results_file.exists() else {}
+            results_file.write_text(json.dumps(on_disk | done, indent=1))
+        finally:
+            lock.unlink(missing_ok=True)
     return done[key]
 
 
@@ -123,38 +176,59 @@ def run_case(name: str, args, done: dict, run) -> dict:
     method, scheme = CASES[name]
     suffix = f"{args.calib_samples}x{args.calib_len}"
     dtype = args.quantlab_scale_dtype or "fp16"
+    model = "" if args.model == "lm" else f"{args.model}|"  # the LM's keys as before, so old results still count
+    folder = "" if args.model == "lm" else f"{args.model}-"
+    ours_out, peer_out = work / f"{folder}quantlab-{name}-{dtype}", work / f"{folder}peer-{name}"
 
     def quantlab():
-        out = work / f"quantlab-{name}-{dtype}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        seconds = quantlab_case(loaded, session, name, calib, out, args.quantlab_scale_dtype)
-        return {"seconds": seconds, "ppl": score(loaded, text, out)}
+        subprocess.run(["rm", "-rf", str(ours_out)], check=True)
+        seconds = quantlab_case(loaded, session, name, calib, ours_out, args.quantlab_scale_dtype)
+        return {"seconds": seconds} | score(loaded, session, text, ours_out)
 
     def peer():
-        out = work / f"peer-{name}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        seconds = peer_case(args.peer_python, method, scheme, calib_file, out)
-        return {"seconds": seconds, "ppl": score(loaded, text, out)}
+        subprocess.run(["rm", "-rf", str(peer_out)], check=True)
+        seconds = peer_case(args.peer_python, loaded, method, scheme, calib_file, peer_out)
+        return {"seconds": seconds} | score(loaded, session, text, peer_out)
 
-    ours = cached(done, f"quantlab|{name}|{dtype}|{suffix}", results_file, quantlab)
+    ours = with_losses(cached(done, f"{model}quantlab|{name}|{dtype}|{suffix}", results_file, quantlab),
+                       loaded, session, text, ours_out)
     row = {"case": name + ("" if dtype == "fp16" else f" ({dtype} scales)"), "quantlab_seconds": ours["seconds"],
            "quantlab_ppl": ours["ppl"]}
     if args.peer_python:
-        theirs = cached(done, f"peer|{name}|{suffix}", results_file, peer)
-        row |= {"peer_seconds": theirs["seconds"], "peer_ppl": theirs["ppl"], "ratio": ours["ppl"] / theirs["ppl"]}
+        theirs = with_losses(cached(done, f"{model}peer|{name}|{suffix}", results_file, peer),
+                             loaded, session, text, peer_out)
+        ratio, se = paired_ratio(loaded.kind, ours, theirs)
+        row |= {"peer_seconds": theirs["seconds"], "peer_ppl": theirs["ppl"], "ratio": ratio, "ratio_se": se}
     return row
 
 
-def table(rows: list[dict], fp_ppl: float) -> str:
-    def ppl(value):
-        return f"{value:.3f} ({100 * (value / fp_ppl - 1):+.2f}%)" if value is not None else "skipped"
+def with_losses(result: dict, loaded, session, text: str, folder: Path) -> dict:
+    """A cached result from before the per-window losses were kept, rescored from its saved checkpoint."""
+    if "window_nll" in result or "cosines" in result:
+        return result
+    rescored = score(loaded, session, text, folder)
+    if abs(rescored["ppl"] - result["ppl"]) > 1e-6 * abs(result["ppl"]):
+        raise RuntimeError(f"{folder} scores {rescored['ppl']} now against {result['ppl']} when it was made")
+    result |= rescored
+    return result
 
-    lines = [f"full precision: {fp_ppl:.3f}",
-             "| case | QuantLab | llm-compressor | QuantLab / peer | QuantLab s | peer s |", "|---|---|---|---|---|---|"]
+
+def table(rows: list[dict], fp_ppl: float, kind: str) -> str:
+    def value(v):
+        if v is None:
+            return "skipped"
+        if kind == "encoder":
+            return f"{v:.6f}"
+        return f"{v:.3f} ({100 * (v / fp_ppl - 1):+.2f}%)"
+
+    metric = "embedding fidelity (mean cosine)" if kind == "encoder" else f"perplexity (full precision {fp_ppl:.3f})"
+    ratio_name = "(1-cos) QuantLab / peer" if kind == "encoder" else "QuantLab / peer"
+    lines = [metric, f"| case | QuantLab | llm-compressor | {ratio_name} ± paired SE | QuantLab s | peer s |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['ratio']:.4f}" if "ratio" in r else "-"
+        ratio = f"{r['ratio']:.4f} ± {r['ratio_se']:.4f}" if "ratio" in r else "-"
         peer_s = f"{r['peer_seconds']:.1f}" if "peer_seconds" in r else "-"
-        lines.append(f"| {r['case']} | {ppl(r['quantlab_ppl'])} | {ppl(r.get('peer_ppl'))} | {ratio} | "
+        lines.append(f"| {r['case']} | {value(r['quantlab_ppl'])} | {value(r.get('peer_ppl'))} | {ratio} | "
                      f"{r['quantlab_seconds']:.1f} | {peer_s} |")
     return "\n".join(lines)
 
@@ -162,7 +236,11 @@ def table(rows: list[dict], fp_ppl: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-python", default=None, help="python of a virtual environment with llmcompressor")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--model", default="lm", choices=tuple(MODELS),
+                        help=f"lm: {BUNDLED_LM} (perplexity); minilm: {BUNDLED_ENCODER} (embedding fidelity, "
+                             f"cases {', '.join(ENCODER_CASES)})")
+    parser.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)} (default: all the "
+                                                      "model's cases)")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--work", default=str(ROOT / "bench" / "out" / "peers"), help="checkpoints and results")
@@ -171,31 +249,38 @@ def main() -> int:
                         help="store QuantLab's scales in this dtype (default: its fp16); llm-compressor keeps the "
                              "weight's dtype, fp32 for the bundled LM")
     args = parser.parse_args()
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CASES]
+    allowed = tuple(CASES) if args.model == "lm" else ENCODER_CASES
+    names = [n.strip() for n in (args.cases or ",".join(allowed)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        print(f"bench_peers: unknown case(s) {unknown}; choose from {', '.join(CASES)}", file=sys.stderr)
+        print(f"bench_peers: unknown case(s) {unknown} for --model {args.model}; choose from {', '.join(allowed)}",
+              file=sys.stderr)
         return 2
     torch.manual_seed(0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    loaded = load_model()
+    loaded = load_model(MODELS[args.model])
     text = load_text("heldout")
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_len, seed=0)
     session = QuantSession(loaded)
-    calib_file = work / "calibration_windows.safetensors"
+    calib_file = work / ("calibration_windows.safetensors" if args.model == "lm" else
+                         f"calibration_windows-{args.model}.safetensors")
     ids = save_windows(loaded, calib, calib_file)
     assert torch.equal(session.calibration_ids(calib), ids)  # QuantLab calibrates on the saved windows
     if not args.peer_python:
         print("peer: skipped (no --peer-python given): llm-compressor column left empty; pass the python of a "
               "virtual environment with llmcompressor installed (see README, 'Against llm-compressor')")
     results_file = work / "results.json"
-    done = {} if args.fresh or not results_file.exists() else json.loads(results_file.read_text())
-    fp_ppl = done.get("fp") or score(loaded, text, None)
-    done["fp"] = fp_ppl
+    if args.fresh:  # also the lock files a stopped run left behind
+        for stale in [results_file, *work.glob("*.lock")]:
+            stale.unlink(missing_ok=True)
+    done = json.loads(results_file.read_text()) if results_file.exists() else {}
+    fp_key = "fp" if args.model == "lm" else f"{args.model}|fp"
+    fp = cached(done, fp_key, results_file, lambda: score(loaded, session, text, None))
+    fp_ppl = fp["ppl"] if isinstance(fp, dict) else fp  # a bare number from before the losses were kept
     run = (loaded, session, calib, calib_file, work, text, results_file)
     rows = [run_case(name, args, done, run) for name in names]
-    print(table(rows, fp_ppl))
+    print(table(rows, fp_ppl, loaded.kind))
     return 0
 
 

@@ -5,7 +5,7 @@ versions than QuantLab), so it imports nothing from QuantLab. It reads the windo
 bench_peers.py drew and saved, runs ``oneshot`` with the tool's defaults for the method, saves the
 compressed-tensors checkpoint and prints one JSON line: {"seconds": quantization wall time}.
 
-    PEER_PYTHON bench/peer_llmcompressor.py --model DIR --calib FILE --method gptq --scheme W4A16 --out DIR
+    PEER_PYTHON bench/peer_llmcompressor.py --model DIR --calib FILE --method gptq --scheme W4A16 --out DIR [--encoder]
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def scheme_kwargs(scheme: str) -> dict:
     return {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}}
 
 
-def modifier(method: str, scheme: str):
-    kwargs = scheme_kwargs(scheme) | {"ignore": ["lm_head"]}
+def modifier(method: str, scheme: str, encoder: bool):
+    # QuantLab quantizes the blocks' linears: not the LM head, nor BERT's pooler (unused by mean pooling).
+    kwargs = scheme_kwargs(scheme) | {"ignore": ["re:.*pooler.*"] if encoder else ["lm_head"]}
     if method == "rtn":
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--encoder", action="store_true", help="load an encoder (AutoModel, e.g. BertModel)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -66,18 +68,18 @@ def main() -> int:
     from datasets import Dataset
     from llmcompressor import oneshot
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     ids = load_file(args.calib)["input_ids"]  # (N, T): exactly the windows QuantLab calibrates on
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = (AutoModel if args.encoder else AutoModelForCausalLM).from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = {}
     if args.method != "rtn":  # RTN is data-free in llm-compressor
         dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
         data = {"dataset": dataset, "num_calibration_samples": ids.shape[0], "max_seq_length": ids.shape[1]}
     start = time.perf_counter()
-    oneshot(model=model, recipe=modifier(args.method, args.scheme), **data)
+    oneshot(model=model, recipe=modifier(args.method, args.scheme, args.encoder), **data)
     seconds = time.perf_counter() - start
     model.save_pretrained(args.out, save_compressed=True)
     tokenizer.save_pretrained(args.out)

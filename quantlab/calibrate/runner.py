@@ -252,7 +252,8 @@ def effective_weight(quantized: Quantized, in_perm: torch.Tensor | None = None,
     return W_hat / scale.float() if scale is not None else W_hat
 
 
-def _convert(ctx: BlockContext) -> None:
+def convert_block(ctx: BlockContext) -> None:
+    """Swap the linears ``process_block`` finished for ``QuantizedLinear`` in the working copy."""
     for local_name, parts in ctx.replacements.items():
         module = ctx.block.get_submodule(local_name)
         set_submodule(ctx.block, local_name, QuantizedLinear.from_linear(module, **parts))
@@ -289,7 +290,7 @@ def run_blocks(model: nn.Module, calib_ids: torch.Tensor | None, process_block: 
         if ctx.searches:
             searches[ctx.prefix] = ctx.searches
         if convert:
-            _convert(ctx)
+            convert_block(ctx)
             new_blocks.append(ctx.block)
         if index + 1 < len(blocks):
             inputs = replace(inputs, hidden=ctx.run_block())  # the processed block feeds the next one

@@ -24,7 +24,7 @@ from torch import nn
 
 from quantlab.calibrate import distributed
 from quantlab.calibrate.activations import calibrated_quantizer
-from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error, weight_error
+from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error, output_error_from_inputs, weight_error
 from quantlab.models.architectures import ArchSpec, LinearInfo, ModelStructure, describe, weight_matrix
 from quantlab.errors import DataError, FormatError
 from quantlab.texts.sources import load_text
@@ -177,6 +177,13 @@ class BlockContext:
         act = self.config.act if self.config is not None else None
         return act is not None and act.mode == "static"
 
+    @property
+    def keep_inputs(self) -> bool:
+        """Keep the raw inputs: static activation scales need them, and with fewer calibration tokens
+        than a linear has inputs its output error is cheaper from X than from H (see ``_output_error``)."""
+        few_tokens = any(self.inputs.n_tokens < info.in_features for info in self.linears.values())
+        return self.needs_raw_inputs or (few_tokens and not distributed.is_distributed())
+
     def linear_modules(self, block: nn.Module | None = None) -> dict[str, nn.Module]:
         block = block if block is not None else self.block
         return {name: block.get_submodule(name) for name in self.linears}
@@ -238,9 +245,17 @@ class BlockContext:
         info = self.linears[local_name]
         return LayerResult(
             name=info.name, block=self.index, role=info.role, method=self.config.method,
-            output_error=output_error(W, W_hat, inputs.hessian), weight_error=weight_error(W, W_hat),
+            output_error=_output_error(W, W_hat, inputs), weight_error=weight_error(W, W_hat),
             clipped_fraction=clipped_fraction, seconds=seconds, extra=extra or {},
         )
+
+
+def _output_error(W: torch.Tensor, W_hat: torch.Tensor, inputs: LinearInputs) -> float:
+    """From X when it is kept and has fewer tokens than inputs (out x tokens x in work, not out x in²);
+    else from H. Under torchrun a rank keeps only its share of X, so there it is always H."""
+    if inputs.inputs is not None and inputs.n_tokens < W.shape[1] and not distributed.is_distributed():
+        return output_error_from_inputs(W, W_hat, inputs.inputs)
+    return output_error(W, W_hat, inputs.hessian)
 
 
 def effective_weight(quantized: Quantized, in_perm: torch.Tensor | None = None,

@@ -53,6 +53,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="models larger than memory: keep the blocks on disk, read, quantize and write one at a "
                              "time straight into --out (rtn/gptq, weight-only; no evaluation: run `eval DIR` after); "
                              "a stopped run resumes when started again")
+    parser.add_argument("--calib-batch", type=int_option(1, MAX_CALIB_SAMPLES), default=None, metavar="N",
+                        help="with --sequential: calibration windows per forward pass (default: 512 tokens' worth); "
+                             "one batch of all windows holds the least Hessian memory on wide models")
     parser.add_argument("--record", default=None, metavar="FILE", help="write a run record (JSON) the app can open")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --record file")
     parser.add_argument("--json", action="store_true", help="print JSON: perplexity/fidelity, sizes, seconds, layers")
@@ -199,7 +202,7 @@ def run_sequential(args: argparse.Namespace) -> int:
 
     progress = stderr_progress if sys.stderr.isatty() else line_progress
     try:
-        result = quantize_sequential(lazy, config, args.out, progress, on_block=block_line)
+        result = quantize_sequential(lazy, config, args.out, progress, on_block=block_line, batch_size=args.calib_batch)
     except KeyboardInterrupt:
         print(f"\nquantize: interrupted (Ctrl-C); the finished blocks are kept in {partial_folder(Path(args.out))}: "
               "run the same command again to resume", file=sys.stderr, flush=True)

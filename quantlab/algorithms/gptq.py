@@ -246,7 +246,7 @@ def process_block(ctx: BlockContext) -> list[LayerResult]:
     column loop) and each result is broadcast from the rank that computed it; every rank holds the
     same H, so the codes are those one process would compute.
     """
-    inputs = ctx.collect(keep_inputs=ctx.needs_raw_inputs)
+    inputs = ctx.collect(keep_inputs=ctx.keep_inputs)
     params = ctx.config.gptq
     names = list(ctx.linear_modules())
     owner = distributed.spread(names, lambda n: ctx.linears[n].out_features * ctx.linears[n].in_features ** 2)

@@ -35,7 +35,7 @@ def rtn_quantize(W: torch.Tensor, fmt: QuantFormat) -> RTNResult:
 
 def process_block(ctx: BlockContext) -> list[LayerResult]:
     """RTN on every linear of the block; the inputs only serve to measure the output error."""
-    inputs = ctx.collect(keep_inputs=ctx.needs_raw_inputs)
+    inputs = ctx.collect(keep_inputs=ctx.keep_inputs)
     results = []
     for local_name, module in ctx.linear_modules().items():
         start = time.perf_counter()

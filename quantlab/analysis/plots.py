@@ -39,8 +39,13 @@ def _vertical_lines(xs: Sequence[float], y_top: float) -> tuple[list, list]:
     return px, py
 
 
-def vector_figure(vq: VectorQuantization, title: str | None = None) -> go.Figure:
-    """Each value and where it lands on the grid; clipped values ringed in red, grid levels as grey lines."""
+def vector_figure(vq: VectorQuantization, title: str | None = None, legend: bool = True) -> go.Figure:
+    """Each value and where it lands on the grid; clipped values ringed in red, grid levels as grey lines.
+
+    Fixed margins, the legend (``legend``) above the plot: the Playground redraws this figure at every step of
+    a control, and a margin that grows to fit the ticks or the legend makes plotly lay the figure out again,
+    most of the browser's time per step (bench/bench_pages.py, CPU seconds of the browser).
+    """
     table = vq.table
     lo, hi = float(min(table["value"].min(), vq.levels.min())), float(max(table["value"].max(), vq.levels.max()))
     levels = vq.levels if len(vq.levels) <= MAX_LEVEL_LINES else vq.levels[(vq.levels >= lo) & (vq.levels <= hi)]
@@ -69,7 +74,11 @@ def vector_figure(vq: VectorQuantization, title: str | None = None) -> go.Figure
         members = table.index[table["group"] == vq.grid_group]
         fig.add_vrect(x0=members.min() - 0.5, x1=members.max() + 0.5, fillcolor="#fff3bf", opacity=0.5,
                       line_width=0, layer="below")
-    return _layout(fig, title, "value index", "value")
+    _layout(fig, title, "value index", "value")
+    fig.update_xaxes(automargin=False)
+    fig.update_yaxes(automargin=False)
+    return fig.update_layout(showlegend=legend, margin=dict(l=80, r=20, t=80 if legend else 50, b=50, autoexpand=False),
+                             legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom"))
 
 
 def histogram_figure(hist: pd.DataFrame, title: str, x_title: str, levels: np.ndarray | None = None,

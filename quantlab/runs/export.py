@@ -55,7 +55,7 @@ from quantlab.errors import FormatError
 from quantlab.numerics.formats import SCALE_DTYPES, Granularity, QuantFormat
 from quantlab.numerics.primitives import QParams, Quantized
 from quantlab.models.quantized import QuantizedLinear
-from quantlab.runs.blockexport import block_layer_tensors, block_quantization_config, check_exportable
+from quantlab.runs.blockexport import block_layer_tensors, block_quantization_config, block_scheme, check_exportable
 
 log = logging.getLogger(__name__)
 

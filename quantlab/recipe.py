@@ -224,15 +224,6 @@ class QuantConfig:
         return dict(self.layer_formats).get(linear_name, self.weight_format)
 
     @property
-    def formats(self) -> tuple[QuantFormat, ...]:
-        """Every weight format the run uses, once each (the default first)."""
-        found = [self.weight_format] if self.weight_format is not None else []
-        for _, fmt in self.layer_formats:
-            if fmt not in found:
-                found.append(fmt)
-        return tuple(found)
-
-    @property
     def canonical_name(self) -> str:
         rotation = [_ROT_NAMES[self.rotate, self.rotate_down]] if self.rotate or self.rotate_down else []
         if self.layer_formats:  # the formats and their counts: "rtn-mixed-int8x3-int4-g128x25"

@@ -56,6 +56,7 @@ from quantlab.numerics.formats import SCALE_DTYPES, Granularity, QuantFormat
 from quantlab.numerics.primitives import QParams, Quantized
 from quantlab.models.quantized import QuantizedLinear
 from quantlab.runs.blockexport import block_layer_tensors, block_quantization_config, check_exportable
+from quantlab.runs.exportconfig import format_groups, int_quantization_config, mixed_quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def export_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None,
     groups = format_groups(quantized)
     ignored = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
     if len(groups) > 1:  # a mixed-precision plan: one config group per format, targeting its layers by name
-        config = _mixed_quantization_config(groups, ignored)
+        config = mixed_quantization_config(groups, ignored)
     else:
         fmt = next(iter(groups.values()))[0]
-        config = block_quantization_config(fmt, ignored) if fmt.is_block_scaled else _quantization_config(fmt, ignored)
+        config = block_quantization_config(fmt, ignored) if fmt.is_block_scaled else int_quantization_config(fmt, ignored)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
@@ -158,53 +159,6 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
         log.warning("activation quantization is simulated in QuantLab only; the export holds the quantized "
                     "weights with full-precision activations (W%dA16)", next(iter(found.values())).fmt.n_bits)
     return found
-
-
-def format_groups(quantized: dict[str, QuantizedLinear]) -> dict[tuple, tuple[QuantFormat, list[str]]]:
-    """The run's weight formats, each with the layers stored in it (one config group each), in first-seen order.
-
-    Formats that store the same way (kind, bits, symmetry, granularity, range) are one group: the
-    scale dtype travels with the scale tensors, the range method only chose the codes.
-    """
-    groups: dict[tuple, tuple[QuantFormat, list[str]]] = {}
-    for name, module in quantized.items():
-        fmt = module.fmt
-        key = fmt.kind, fmt.n_bits, fmt.symmetric, fmt.granularity, fmt.symmetric_range
-        groups.setdefault(key, (fmt, []))[1].append(name)
-    return groups
-
-
-def _int_scheme(fmt: QuantFormat, targets: list[str]):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    strategy = {"group": "group", "channel": "channel", "tensor": "tensor"}[fmt.granularity.kind]
-    args = QuantizationArgs(
-        num_bits=fmt.n_bits, type="int", symmetric=fmt.symmetric, strategy=strategy,
-        group_size=fmt.granularity.group_size if strategy == "group" else None,
-    )
-    return QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
-
-
-def _quantization_config(fmt: QuantFormat, ignored: tuple[str, ...]):
-    from compressed_tensors.quantization import QuantizationConfig
-
-    scheme = _int_scheme(fmt, ["Linear"])
-    return QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignored), format="pack-quantized",
-                              quantization_status="compressed")
-
-
-def _mixed_quantization_config(groups: dict, ignored: tuple[str, ...]):
-    """Several config groups, each targeting its layers by exact module name; ``mixed-precision`` when their
-    compression formats differ (an NVFP4 group beside integer ones), else their one format."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    schemes = {}
-    for i, (fmt, names) in enumerate(groups.values()):
-        scheme = block_scheme(fmt) if fmt.is_block_scaled else _int_scheme(fmt, names)
-        schemes[f"group_{i}"] = scheme.model_copy(update={"targets": list(names)})
-    formats = {scheme.format for scheme in schemes.values()}
-    top = formats.pop() if len(formats) == 1 else "mixed-precision"
-    return QuantizationConfig(config_groups=schemes, ignore=list(ignored), format=top, quantization_status="compressed")
 
 
 def layer_tensors(name: str, module: QuantizedLinear) -> dict[str, torch.Tensor]:

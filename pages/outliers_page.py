@@ -23,7 +23,7 @@ def _rotation(key: str, block: int, linear: str, _loaded) -> tuple:
     figure = plots.overlaid_histograms_figure(
         {"before": channels.assign(center=channels["channel"], count=channels["before"]),
          "after": channels.assign(center=channels["channel"], count=channels["after"])},
-        f"Block {block} {linear} input: largest |x| per channel", "channel")
+        f"Block {block} {linear} input: largest |x| per channel", "channel", "largest |x|")
     return channels, summary, figure
 
 

@@ -95,13 +95,14 @@ def histogram_figure(hist: pd.DataFrame, title: str, x_title: str, levels: np.nd
     return _layout(fig, title, x_title, "count")
 
 
-def overlaid_histograms_figure(hists: dict[str, pd.DataFrame], title: str, x_title: str) -> go.Figure:
-    """Several histograms on one axis as outlines (e.g. the error of two formats)."""
+def overlaid_histograms_figure(hists: dict[str, pd.DataFrame], title: str, x_title: str,
+                               y_title: str = "count") -> go.Figure:
+    """Several histograms (or per-channel profiles) on one axis as outlines (e.g. the error of two formats)."""
     fig = go.Figure()
     for i, (name, hist) in enumerate(hists.items()):
         fig.add_trace(go.Scatter(x=hist["center"], y=hist["count"], mode="lines", name=name,
                                  line=dict(shape="hvh", color=PALETTE[i % len(PALETTE)], width=2)))
-    return _layout(fig, title, x_title, "count")
+    return _layout(fig, title, x_title, y_title)
 
 
 def clipping_figure(sweep: pd.DataFrame, best: pd.Series) -> go.Figure:

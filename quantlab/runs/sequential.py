@@ -45,7 +45,8 @@ from quantlab.models.weightfiles import read_header
 from quantlab.numerics.primitives import check_format_fits
 from quantlab.recipe import LayerResult, QuantConfig, RunResult
 from quantlab.runs.blockexport import block_layer_tensors, block_quantization_config, check_exportable
-from quantlab.runs.export import _quantization_config, _write_config, check_output_folder, layer_tensors
+from quantlab.runs.export import _write_config, check_output_folder, layer_tensors
+from quantlab.runs.exportconfig import int_quantization_config
 from quantlab.runs.pipeline import _processor
 from quantlab.runs.progress import BlockClock
 
@@ -286,8 +287,8 @@ def _finish_export(lazy: LazyModel, config: QuantConfig, staging: Path, out: Pat
     block_path = f"{lazy.structure.block_path}."
     ignored = tuple(name for name, m in lazy.model.named_modules()
                     if isinstance(m, nn.Linear) and not name.startswith(block_path))
-    qconfig = block_quantization_config(fmt, ignored) if fmt.is_block_scaled else _quantization_config(fmt, ignored)
-    _write_config(lazy.model, qconfig, staging, fmt)
+    qconfig = block_quantization_config(fmt, ignored) if fmt.is_block_scaled else int_quantization_config(fmt, ignored)
+    _write_config(lazy.model, qconfig, staging, [fmt])
     if lazy.tokenizer is not None:
         lazy.tokenizer.save_pretrained(staging)
     if out.exists():

@@ -12,10 +12,17 @@
 3. One loop scores every checkpoint: compressed-tensors' own decompression gives the weights, they
    go into a copy of the full-precision model, and QuantLab's evaluator computes perplexity on the
    same held-out tokens (16,384 tokens in windows of 256), the full-precision model included.
+   ``--model minilm`` does the same for the bundled encoder, scored by embedding fidelity (mean
+   cosine against full precision over the held-out text's sentences).
+4. The ratio is QuantLab's loss over the peer's (perplexity; cosine distance 1 - fidelity for the
+   encoder), <= 1 when QuantLab is at least as good, with its paired standard error over the same
+   windows (sentences).
 
 Results are kept per case and tool in ``WORK/results.json`` (a rerun skips what is already done;
-``--fresh`` starts over). ``--quantlab-scale-dtype fp32`` reruns QuantLab's side with the scale dtype
-llm-compressor keeps (the weight's), to see how much of a difference the fp16 scales make. Without ``--peer-python`` the peer column is skipped, with a line saying so.
+``--fresh`` starts over; runs of different cases may go in parallel on one file).
+``--quantlab-scale-dtype fp32`` reruns QuantLab's side with the scale dtype llm-compressor keeps
+(the weight's), to see how much of a difference the fp16 scales make. Without ``--peer-python``
+the peer column is skipped, with a line saying so.
 """
 
 from __future__ import annotations

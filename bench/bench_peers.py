@@ -12,10 +12,17 @@
 3. One loop scores every checkpoint: compressed-tensors' own decompression gives the weights, they
    go into a copy of the full-precision model, and QuantLab's evaluator computes perplexity on the
    same held-out tokens (16,384 tokens in windows of 256), the full-precision model included.
+   ``--model minilm`` does the same for the bundled encoder, scored by embedding fidelity (mean
+   cosine against full precision over the held-out text's sentences).
+4. The ratio is QuantLab's loss over the peer's (perplexity; cosine distance 1 - fidelity for the
+   encoder), <= 1 when QuantLab is at least as good, with its paired standard error over the same
+   windows (sentences).
 
 Results are kept per case and tool in ``WORK/results.json`` (a rerun skips what is already done;
-``--fresh`` starts over). ``--quantlab-scale-dtype fp32`` reruns QuantLab's side with the scale dtype
-llm-compressor keeps (the weight's), to see how much of a difference the fp16 scales make. Without ``--peer-python`` the peer column is skipped, with a line saying so.
+``--fresh`` starts over; runs of different cases may go in parallel on one file).
+``--quantlab-scale-dtype fp32`` reruns QuantLab's side with the scale dtype llm-compressor keeps
+(the weight's), to see how much of a difference the fp16 scales make. Without ``--peer-python``
+the peer column is skipped, with a line saying so.
 """
 
 from __future__ import annotations
@@ -55,8 +62,8 @@ CASES = {
     "gptq-int4-g128-asym": ("gptq", "W4A16_ASYM"),
     "awq-int4-g128": ("awq", "W4A16"),
     "awq-int4-g128-asym": ("awq", "W4A16_ASYM"),
-    "rtn-int8": ("rtn", "W8A16"),
-    "gptq-int8": ("gptq", "W8A16"),
+    "rtn-int8": ("rtn", "W8A16_CHANNEL"),  # per-channel: the tool's W8A16 preset is g128
+    "gptq-int8": ("gptq", "W8A16_CHANNEL"),
     "rtn-int3-g128": ("rtn", "W3A16_G128"),
     "gptq-int3-g128": ("gptq", "W3A16_G128"),
 }
@@ -195,7 +202,7 @@ def run_case(name: str, args, done: dict, run) -> dict:
     row = {"case": name + ("" if dtype == "fp16" else f" ({dtype} scales)"), "quantlab_seconds": ours["seconds"],
            "quantlab_ppl": ours["ppl"]}
     if args.peer_python:
-        theirs = with_losses(cached(done, f"{model}peer|{name}|{suffix}", results_file, peer),
+        theirs = with_losses(cached(done, f"{model}peer|{name}|{scheme}|{suffix}", results_file, peer),
                              loaded, session, text, peer_out)
         ratio, se = paired_ratio(loaded.kind, ours, theirs)
         row |= {"peer_seconds": theirs["seconds"], "peer_ppl": theirs["ppl"], "ratio": ratio, "ratio_se": se}
@@ -203,14 +210,16 @@ def run_case(name: str, args, done: dict, run) -> dict:
 
 
 def with_losses(result: dict, loaded, session, text: str, folder: Path) -> dict:
-    """A cached result from before the per-window losses were kept, rescored from its saved checkpoint."""
+    """A cached result from before the per-window losses were kept, rescored from its saved checkpoint
+    (the losses kept beside it, in ``folder/bench_losses.json``, so that a rescore happens once)."""
     if "window_nll" in result or "cosines" in result:
         return result
-    rescored = score(loaded, session, text, folder)
+    saved = folder / "bench_losses.json"
+    rescored = json.loads(saved.read_text()) if saved.exists() else score(loaded, session, text, folder)
     if abs(rescored["ppl"] - result["ppl"]) > 1e-6 * abs(result["ppl"]):
         raise RuntimeError(f"{folder} scores {rescored['ppl']} now against {result['ppl']} when it was made")
-    result |= rescored
-    return result
+    saved.write_text(json.dumps(rescored))
+    return result | rescored
 
 
 def table(rows: list[dict], fp_ppl: float, kind: str) -> str:

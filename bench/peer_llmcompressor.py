@@ -16,18 +16,21 @@ import logging
 import time
 
 METHODS = ("rtn", "gptq", "awq")
-# The tool's preset names, plus INT3 g128, which it has no preset for.
-SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16", "W3A16_G128", "W3A16_G128_ASYM")
+# The tool's INT4 presets, plus what it has no preset for: INT8 per-channel (its W8A16 preset is
+# group 128 in compressed-tensors 0.19, not per-channel) and INT3 g128.
+SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16_CHANNEL", "W3A16_G128", "W3A16_G128_ASYM")
+CUSTOM = {"W8A16_CHANNEL": (8, "channel", None), "W3A16_G128": (3, "group", 128), "W3A16_G128_ASYM": (3, "group", 128)}
 
 
 def scheme_kwargs(scheme: str) -> dict:
-    """``scheme=...`` for a preset, or ``config_groups`` for INT3 g128 (symmetric or not)."""
-    if not scheme.startswith("W3A16"):
+    """``scheme=...`` for a preset, or ``config_groups`` for the schemes it has no preset for."""
+    if scheme not in CUSTOM:
         return {"scheme": scheme, "targets": ["Linear"]}
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=3, type="int", symmetric=not scheme.endswith("ASYM"), strategy="group",
-                               group_size=128)
+    bits, strategy, group = CUSTOM[scheme]
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=not scheme.endswith("ASYM"), strategy=strategy,
+                               group_size=group)
     return {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}}
 
 

@@ -57,6 +57,9 @@ def run_method(folder: Path, shape: str, method: str, args, ckpt: int) -> dict:
         print(f"{shape} {method}: {out} is already complete; delete it to measure again", flush=True)
         return {"method": method, "skipped": True}
     argv = quantize_argv(folder, method, out, samples, args.calib_len, args.dtype)
+    if log_path.exists():  # a resumed run: keep the stopped one's per-block lines beside the new log
+        parts = len(list(RESULTS.glob(f"{log_path.stem}-part*.log")))
+        log_path.rename(log_path.with_name(f"{log_path.stem}-part{parts + 1}.log"))
     result = bench_scale.measured(argv, log_path)
     blocks = block_seconds(result["stderr"])
     print(row(f"quantize --sequential {method} ({samples}x{args.calib_len})", result, ckpt, blocks), flush=True)

@@ -159,3 +159,18 @@ def test_quantize_command_sequential(bf16_untied, tmp_path, capsys):
     assert "block 2 of 2:" in captured.err and "RSS" in captured.err
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert qc["ignore"] == ["lm_head"] and qc["config_groups"]["group_0"]["weights"]["group_size"] == 64
+
+
+def test_output_error_from_the_inputs_equals_the_hessian_form():
+    from quantlab.calibrate.inputstats import accumulate_hessian
+    from quantlab.recipe import output_error, output_error_from_inputs
+
+    generator = torch.Generator().manual_seed(0)
+    X = [torch.randn(2, 64, 300, generator=generator) for _ in range(3)]  # 384 tokens, 300 inputs
+    W = torch.randn(50, 300, generator=generator)
+    W_hat = W + 0.01 * torch.randn(50, 300, generator=generator)
+    H, n = torch.zeros(300, 300), 0
+    for x in X:
+        H, n = accumulate_hessian(x, H, n)
+    assert output_error_from_inputs(W, W_hat, X) == pytest.approx(output_error(W, W_hat, H), rel=1e-5)
+    assert output_error_from_inputs(W, W, X) == 0.0

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from quantlab.algorithms import awq
-from quantlab.recipe import AWQParams, CalibConfig, output_error, parse_config_name
+from quantlab.numerics.measures import output_error
+from quantlab.recipe import AWQParams, CalibConfig, parse_config_name
 from quantlab.algorithms.scaling import ScaleGroup
 from quantlab.evaluation import EvalConfig
 from quantlab.numerics.formats import QuantFormat

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantlab.recipe import GPTQParams, output_error
+from quantlab.numerics.measures import output_error
+from quantlab.recipe import GPTQParams
 from quantlab.algorithms.gptq import gptq_quantize
 from quantlab.calibrate.inputstats import accumulate_hessian
 from quantlab.algorithms.rtn import rtn_quantize

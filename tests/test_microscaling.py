@@ -126,7 +126,7 @@ def test_nvfp4_finer_scale_beats_mxfp4_on_real_like_weights():
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "fp8-block"])
 def test_gptq_on_scaled_block_formats_beats_rtn_on_its_own_loss(name):
     from quantlab.algorithms.gptq import gptq_quantize
-    from quantlab.recipe import output_error
+    from quantlab.numerics.measures import output_error
 
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(128, 256, generator=gen)

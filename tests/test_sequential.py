@@ -163,7 +163,7 @@ def test_quantize_command_sequential(bf16_untied, tmp_path, capsys):
 
 def test_output_error_from_the_inputs_equals_the_hessian_form():
     from quantlab.calibrate.inputstats import accumulate_hessian
-    from quantlab.recipe import output_error, output_error_from_inputs
+    from quantlab.numerics.measures import output_error, output_error_from_inputs
 
     generator = torch.Generator().manual_seed(0)
     X = [torch.randn(2, 64, 300, generator=generator) for _ in range(3)]  # 384 tokens, 300 inputs

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantlab.recipe import output_error
+from quantlab.numerics.measures import output_error
 from quantlab.algorithms.rtn import rtn_quantize
 from quantlab.algorithms.scaling import (
     MIN_SCALE, ScaleGroup, finish_scaled_linear, fold_scales, scale_groups, shared_inputs,

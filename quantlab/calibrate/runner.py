@@ -24,7 +24,8 @@ from torch import nn
 
 from quantlab.calibrate import distributed
 from quantlab.calibrate.activations import calibrated_quantizer
-from quantlab.recipe import CalibConfig, LayerResult, QuantConfig, output_error, output_error_from_inputs, weight_error
+from quantlab.numerics.measures import output_error, output_error_from_inputs, weight_error
+from quantlab.recipe import CalibConfig, LayerResult, QuantConfig
 from quantlab.models.architectures import ArchSpec, LinearInfo, ModelStructure, describe, weight_matrix
 from quantlab.errors import DataError, FormatError
 from quantlab.texts.sources import load_text

@@ -171,6 +171,9 @@ class BlockContext:
     config: QuantConfig | None
     searches: dict = field(default_factory=dict)  # search data (AWQ alphas, scales, losses) for the result
     replacements: dict[str, dict] = field(default_factory=dict)  # filled by finish_linear
+    # Sequential runs (one process, models larger than memory) measure output errors from the kept
+    # inputs X when that is cheaper; in-memory runs always use H, so 1 and N ranks report the same bits.
+    errors_from_inputs: bool = False
 
     @property
     def needs_raw_inputs(self) -> bool:
@@ -187,7 +190,7 @@ class BlockContext:
         """Keep the raw inputs: static activation scales need them, and with fewer calibration tokens
         than a linear has inputs its output error is cheaper from X than from H (see ``_output_error``)."""
         few_tokens = any(self.inputs.n_tokens < info.in_features for info in self.linears.values())
-        return self.needs_raw_inputs or (few_tokens and not distributed.is_distributed())
+        return self.needs_raw_inputs or (few_tokens and self.errors_from_inputs)
 
     def linear_modules(self, block: nn.Module | None = None) -> dict[str, nn.Module]:
         block = block if block is not None else self.block
@@ -250,15 +253,16 @@ class BlockContext:
         info = self.linears[local_name]
         return LayerResult(
             name=info.name, block=self.index, role=info.role, method=self.config.method,
-            output_error=_output_error(W, W_hat, inputs), weight_error=weight_error(W, W_hat),
+            output_error=_output_error(W, W_hat, inputs, self.errors_from_inputs), weight_error=weight_error(W, W_hat),
             clipped_fraction=clipped_fraction, seconds=seconds, extra=extra or {},
         )
 
 
-def _output_error(W: torch.Tensor, W_hat: torch.Tensor, inputs: LinearInputs) -> float:
-    """From X when it is kept and has fewer tokens than inputs (out x tokens x in work, not out x in²);
-    else from H. Under torchrun a rank keeps only its share of X, so there it is always H."""
-    if inputs.inputs is not None and inputs.n_tokens < W.shape[1] and not distributed.is_distributed():
+def _output_error(W: torch.Tensor, W_hat: torch.Tensor, inputs: LinearInputs, from_inputs: bool) -> float:
+    """From X when asked (sequential runs), kept, and with fewer tokens than inputs (out x tokens x in
+    work, not out x in²); else from H. Under torchrun a rank keeps only its share of X, so in-memory
+    runs always use H: the two forms agree to fp32 rounding, not bit for bit."""
+    if from_inputs and inputs.inputs is not None and inputs.n_tokens < W.shape[1] and not distributed.is_distributed():
         return output_error_from_inputs(W, W_hat, inputs.inputs)
     return output_error(W, W_hat, inputs.hessian)
 

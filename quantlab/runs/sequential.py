@@ -198,7 +198,7 @@ def _run_block(lazy: LazyModel, config: QuantConfig, index: int, inputs: BlockIn
     """Read, quantize, write block ``index``; the next block's inputs come back (unchanged after the last)."""
     structure = lazy.structure
     ctx = BlockContext(index, f"{structure.block_path}.{index}", load_block(lazy, index), inputs, structure.spec,
-                       structure.block_linears(index), config)
+                       structure.block_linears(index), config, errors_from_inputs=True)
     _check_finite(ctx)
     layers = process(ctx)
     convert_block(ctx)

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +41,20 @@ SHARD_BYTES = 2 * 2**30
 QUICK = ["--max-eval-tokens", "512"]
 
 
-def build_shape(name: str, seed: int = 0) -> Path:
+def shape_config(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:Nb`` (the shape's widths and vocabulary with only its first N blocks: the
+    time per block is the full model's, the run minutes instead of hours) -> folder name, config."""
+    name, _, blocks = spec.partition(":")
+    config = json.loads((SHAPES / f"{name}.json").read_text())
+    if not blocks:
+        return name, config
+    n = int(blocks.removesuffix("b"))
+    if not 1 <= n <= config["num_hidden_layers"]:
+        raise SystemExit(f"bench_scale: {spec}: 1..{config['num_hidden_layers']} blocks")
+    return f"{name}-{n}b", config | {"num_hidden_layers": n}
+
+
+def build_shape(spec: str, seed: int = 0) -> Path:
     """The shape's checkpoint folder, built once: bf16 N(0, 0.02) matrices, unit norms, zero biases."""
     import torch
     from safetensors.torch import save_file
@@ -48,12 +62,13 @@ def build_shape(name: str, seed: int = 0) -> Path:
 
     from quantlab.models.loading import resolve_source
 
+    name, config_doc = shape_config(spec)
     folder = BUILD / name
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text((SHAPES / f"{name}.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config_doc, indent=2))
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -116,9 +131,14 @@ def measured(argv: list[str], log_path: Path) -> dict:
 
 
 def per_block(stderr: str) -> float | None:
-    """The last "N s/block" the run reported (its mean over the blocks done)."""
-    found = re.findall(r"([0-9.]+) s/block", stderr)
-    return float(found[-1]) if found else None
+    """Seconds per block after the first: the run reports the mean over the k blocks done (m_k), so
+    block k took k m_k - (k-1) m_(k-1). The first block is left out (it holds one-off costs such as
+    compiling the fused kernels, as the peer's tracing falls before its first block); with one
+    block, its time."""
+    means = [float(m) for m in re.findall(r"([0-9.]+) s/block", stderr)]
+    if len(means) < 2:
+        return means[-1] if means else None
+    return (len(means) * means[-1] - means[0]) / (len(means) - 1)
 
 
 def quantlab_commands(folder: Path) -> dict[str, list[str]]:
@@ -132,7 +152,7 @@ def quantlab_commands(folder: Path) -> dict[str, list[str]]:
     }
 
 
-def dump_calibration(folder: Path) -> Path:
+def dump_calibration(folder: Path | str) -> Path:
     """The calibration ids QuantLab's GPTQ draws by default on this machine, for the peer to use too."""
     import torch
 
@@ -140,6 +160,7 @@ def dump_calibration(folder: Path) -> Path:
     from quantlab.models.loading import _load_tokenizer
     from quantlab.recipe import CPU_LARGE_CALIB, CalibConfig
 
+    folder = Path(folder)
     n_samples, seq_len = CPU_LARGE_CALIB
     ids = calibration_set(_load_tokenizer(str(folder), True), CalibConfig(n_samples=n_samples, seq_len=seq_len))
     path = folder / "calib_ids.pt"
@@ -158,8 +179,7 @@ def row(shape: str, command: str, result: dict, ckpt: int) -> str:
 def in_child(function: str, name: str) -> Path:
     """Build or dump in a child process: this one stays small, so that the measured children, forked
     from it, do not start with its memory counted in their peak RSS."""
-    argument = f"b.BUILD / {name!r}" if function == "dump_calibration" else repr(name)
-    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import bench_scale as b; print(b.{function}({argument}))"
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import bench_scale as b; print(b.{function}({name!r}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     if done.returncode != 0:
@@ -167,42 +187,72 @@ def in_child(function: str, name: str) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def run_shape(name: str, peer_python: str | None, commands: list[str], out: Path) -> list[dict]:
-    folder = in_child("build_shape", name)
+def run_shape(spec: str, peer_python: str | None, commands: list[str], out: Path, rounds: int) -> list[dict]:
+    name, config_doc = shape_config(spec)
+    folder = in_child("build_shape", spec)
     ckpt = checkpoint_bytes(folder)
-    n_blocks = json.loads((SHAPES / f"{name}.json").read_text())["num_hidden_layers"]
+    n_blocks = config_doc["num_hidden_layers"]
     print(f"# {name}: {ckpt / 2**30:.2f} GiB bf16 in {len(list(folder.glob('*.safetensors')))} shards, "
           f"{n_blocks} blocks", flush=True)
     results = []
     for command, argv in quantlab_commands(folder).items():
-        if command not in commands:
+        if command not in commands or command == "gptq int4 g128":
             continue
-        result = measured(argv, out / f"{name}-{command.replace(' ', '_')}.log")
-        result["per_block_s"] = per_block(result["stderr"])
-        print(row(name, command, result, ckpt), flush=True)
-        results.append({"shape": name, "command": command, "checkpoint_bytes": ckpt}
-                       | {k: v for k, v in result.items() if k != "stderr"})
+        results.append(run_quantlab(name, command, argv, ckpt, out))
     if "gptq int4 g128" in commands:
-        results += run_peer(name, folder, peer_python, n_blocks, ckpt, out, results)
+        results += run_gptq_rounds(name, folder, peer_python, ckpt, out, rounds)
     return results
 
 
-def run_peer(name: str, folder: Path, peer_python: str | None, n_blocks: int, ckpt: int, out: Path,
-             results: list[dict]) -> list[dict]:
-    if not peer_python or not Path(peer_python).is_file():
+def run_quantlab(name: str, command: str, argv: list[str], ckpt: int, out: Path, tag: str = "") -> dict:
+    result = measured(argv, out / f"{name}-{command.replace(' ', '_')}{tag}.log")
+    result["per_block_s"] = per_block(result["stderr"])
+    print(row(name, command, result, ckpt), flush=True)
+    return {"shape": name, "command": command, "checkpoint_bytes": ckpt} | {k: v for k, v in result.items()
+                                                                             if k != "stderr"}
+
+
+def run_gptq_rounds(name: str, folder: Path, peer_python: str | None, ckpt: int, out: Path,
+                    rounds: int) -> list[dict]:
+    """QuantLab's GPTQ and llm-compressor's, interleaved round by round on the same token ids, so
+    that a change in the machine's load falls on both; the ratio of each round and their median."""
+    argv = quantlab_commands(folder)["gptq int4 g128"]
+    peer = peer_python if peer_python and Path(peer_python).is_file() else None
+    if peer is None:
         print(f"{name:<15} llm-compressor gptq    skipped: no --peer-python with llm-compressor given", flush=True)
-        return []
-    ids = in_child("dump_calibration", name)
+        return [run_quantlab(name, "gptq int4 g128", argv, ckpt, out)]
+    ids = in_child("dump_calibration", str(folder))
+    results, ratios = [], []
+    for round_ in range(1, rounds + 1):
+        ours = run_quantlab(name, "gptq int4 g128", argv, ckpt, out, tag=f"-round{round_}")
+        theirs = run_peer(name, folder, peer, ids, ckpt, out, round_)
+        results += [ours, theirs]
+        if ours["per_block_s"] and theirs["per_block_s"]:
+            ratios.append(ours["per_block_s"] / theirs["per_block_s"])
+            print(f"{name:<15} round {round_}: gptq s/block QuantLab / llm-compressor = {ratios[-1]:.2f}", flush=True)
+    if ratios:
+        print(f"{name:<15} gptq s/block QuantLab / llm-compressor: median {statistics.median(ratios):.2f} "
+              f"over {len(ratios)} rounds ({', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    return results
+
+
+def peer_per_block(stderr: str) -> float | None:
+    """The peer's seconds per block: from the first block's start to the last's, over the blocks between
+    (its one-off set-up, tracing and dataset preparation before block 0 are left out, as QuantLab's
+    "s/block" leaves out loading)."""
+    starts = [float(s) for s in re.findall(r"block_start \d+ ([0-9.]+)", stderr)]
+    if len(starts) >= 2:
+        return (starts[-1] - starts[0]) / (len(starts) - 1)
+    return None
+
+
+def run_peer(name: str, folder: Path, peer_python: str, ids: Path, ckpt: int, out: Path, round_: int) -> dict:
     argv = [peer_python, str(ROOT / "bench" / "peer_gptq.py"), str(folder), str(ids)]
-    result = measured(argv, out / f"{name}-peer_gptq.log")
-    seconds = re.findall(r"oneshot_s ([0-9.]+)", result["stderr"])
-    result["per_block_s"] = float(seconds[-1]) / n_blocks if seconds else None
+    result = measured(argv, out / f"{name}-peer_gptq-round{round_}.log")
+    result["per_block_s"] = peer_per_block(result["stderr"])
     print(row(name, "llm-compressor gptq", result, ckpt), flush=True)
-    ours = next((r["per_block_s"] for r in results if r["command"] == "gptq int4 g128"), None)
-    if ours and result["per_block_s"]:
-        print(f"{name:<15} gptq s/block QuantLab / llm-compressor = {ours / result['per_block_s']:.2f}", flush=True)
-    return [{"shape": name, "command": "llm-compressor gptq", "checkpoint_bytes": ckpt}
-            | {k: v for k, v in result.items() if k != "stderr"}]
+    return {"shape": name, "command": "llm-compressor gptq", "checkpoint_bytes": ckpt} | {
+        k: v for k, v in result.items() if k != "stderr"}
 
 
 def main() -> None:
@@ -211,6 +261,7 @@ def main() -> None:
     parser.add_argument("--commands", default="inspect,size,eval,rtn int4 g128,gptq int4 g128")
     parser.add_argument("--peer-python", default=None, help="python of a venv with llm-compressor")
     parser.add_argument("--out", default=str(BUILD / "results"), help="folder for logs and results.json")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved QuantLab / llm-compressor GPTQ rounds")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +269,7 @@ def main() -> None:
     print(f"{'shape':<15} {'command':<22} {'wall s':>9} {'s/block':>8} {'peak GiB':>9} {'RSS/ckpt':>8}", flush=True)
     results = []
     for name in args.shapes.split(","):
-        results += run_shape(name.strip(), args.peer_python, commands, out)
+        results += run_shape(name.strip(), args.peer_python, commands, out, args.rounds)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     assert all(math.isfinite(r["wall_s"]) for r in results)
 

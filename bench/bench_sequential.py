@@ -94,7 +94,11 @@ def main() -> None:
     print(f"# {args.shape}: {ckpt / 2**30:.2f} GiB bf16 checkpoint", flush=True)
     print(f"{'command':<34} {'wall s':>9} {'s/block':>8} {'peak GiB':>9} {'RSS/ckpt':>8}", flush=True)
     records = [run_method(folder, args.shape, m.strip(), args, ckpt) for m in args.methods.split(",")]
-    (RESULTS / f"sequential-{args.shape}.json").write_text(json.dumps(records, indent=1))
+    summary = RESULTS / f"sequential-{args.shape}.json"
+    kept = json.loads(summary.read_text()) if summary.is_file() else []  # other methods' earlier records stay
+    measured_now = {r["method"] for r in records if not r.get("skipped")}
+    records = [r for r in kept if r["method"] not in measured_now] + [r for r in records if not r.get("skipped")]
+    summary.write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from quantlab.cli import add_dtype_option, emit, int_option, printable
 from quantlab.evaluation import SOURCES, EvalConfig, FidelityResult, PerplexityResult, evaluate, load_text
@@ -32,6 +33,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     add_dtype_option(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one block in memory at a time, for a causal LM larger than memory (a local "
+                             "safetensors folder, full precision or a compressed-tensors / GPTQ / AWQ export)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -42,10 +46,38 @@ def run(args: argparse.Namespace) -> int:
                         n_sentences=args.sentences)
     # Before the model, so that a bad text fails at once; only as much as --max-tokens can use.
     text = load_text(args.text, max_chars=args.max_tokens * CHARS_PER_TOKEN_READ if args.max_tokens else None)
+    if args.sequential:
+        return run_sequential(args, config, text)
     loaded = load_model(args.source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.kind, text, config)
     payload = {"model": loaded.name, "kind": loaded.kind, "text": str(args.text)} | result.to_dict()
     emit(payload, args.json, describe(printable(loaded.name), printable(str(args.text)), result))
+    return 0
+
+
+def run_sequential(args: argparse.Namespace, config: EvalConfig, text: str) -> int:
+    """``--sequential``: the windows go through one block at a time (``runs.sequential_eval``)."""
+    from quantlab.cli.quantize_cmd import line_progress, stderr_progress
+    from quantlab.device import resolve_device
+    from quantlab.errors import FormatError
+    from quantlab.models.lazy import open_lazy
+    from quantlab.models.loading import model_kind
+    from quantlab.runs.sequential_eval import perplexity_sequential
+
+    resolve_device(args.device)  # a bogus --device fails before the model opens
+    lazy = open_lazy(args.source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                     prequantized_ok=True)
+    if model_kind(lazy.model.config) != "causal":
+        raise FormatError(f"--sequential evaluates causal LMs; {printable(lazy.name)} is an encoder (evaluate it "
+                          "in memory: it is small enough)")
+
+    def block_line(report) -> None:
+        print(f"quantlab: {report.describe()}", file=sys.stderr, flush=True)
+
+    progress = stderr_progress if sys.stderr.isatty() else line_progress
+    result = perplexity_sequential(lazy, text, config, progress, on_block=block_line)
+    payload = {"model": lazy.name, "kind": "causal", "text": str(args.text), "sequential": True} | result.to_dict()
+    emit(payload, args.json, describe(printable(lazy.name), printable(str(args.text)), result))
     return 0
 
 

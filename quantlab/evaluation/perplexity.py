@@ -21,13 +21,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from quantlab.errors import FormatError
 from quantlab.evaluation.config import EvalConfig
 from quantlab.evaluation.divergence import (
     DivergenceAccumulator, DivergenceResult, ReferenceLogProbs, TopKCollector, CachedBatches,
 )
 from quantlab.evaluation.uncertainty import ratio_mean
 from quantlab.evaluation.scoring import (
-    TokenStream, Window, check_finite, compute_dtype_name, count_words, encode_text, plan_windows, score_windows,
+    TokenStream, Window, check_finite, compute_dtype_name, count_words, encode_text, output_head, plan_windows,
+    score_windows,
 )
 
 log = logging.getLogger(__name__)
@@ -144,13 +146,13 @@ def _prepare(model, tokenizer, text: str, config: EvalConfig | None) -> _Prepare
     return _Prepared(config, stream, plan_windows(len(stream.ids), config.ctx, config.stride))
 
 
-def _run(model, prepared: _Prepared, extra_observers=()) -> PerplexityResult:
+def _run(model, prepared: _Prepared, extra_observers=(), given_states=None) -> PerplexityResult:
     """One pass over the windows; every observer sees every batch of log-probs."""
     config, stream = prepared.config, prepared.stream
     log.info("scoring %d tokens in %d windows of %d (stride %d), batch %d", len(stream.ids), len(prepared.windows),
              config.ctx, config.stride, config.batch_size)
     nll = _NllSum(prepared.windows)
-    for logprobs, targets in score_windows(model, stream, prepared.windows, config):
+    for logprobs, targets in score_windows(model, stream, prepared.windows, config, given_states):
         for observer in (nll, *extra_observers):
             observer.update(logprobs, targets)
     mean_nll = check_finite(model, nll.total / nll.count, "perplexity")
@@ -162,6 +164,24 @@ def _run(model, prepared: _Prepared, extra_observers=()) -> PerplexityResult:
         prepend_bos=bool(stream.prefix_tokens), dtype=compute_dtype_name(model, config.dtype),
         window_nll=tuple(nll.per_window), window_tokens=tuple(nll.sizes[: len(nll.per_window)]),
     )
+
+
+def prepare_windows(model, tokenizer, text: str, config: EvalConfig | None = None) -> _Prepared:
+    """The tokens and windows ``perplexity`` would score: for a caller that computes the hidden
+    states itself (block by block) and then calls ``perplexity_of_states``."""
+    return _prepare(model, tokenizer, text, config)
+
+
+def perplexity_of_states(model, prepared: _Prepared, states: list[torch.Tensor]) -> PerplexityResult:
+    """``perplexity`` from the base model's last hidden states of each batch of ``prepared``'s
+    windows (``scoring.window_batches`` order); only ``model``'s output head runs."""
+    if output_head(model) is None:
+        raise FormatError(f"{type(model).__name__} transforms its logits after the output head (or has no "
+                          "separate head), so it cannot be scored from hidden states; evaluate it in memory")
+    if len(states) != math.ceil(len(prepared.windows) / prepared.config.batch_size):
+        raise ValueError(f"{len(states)} batches of hidden states for {len(prepared.windows)} windows "
+                         f"in batches of {prepared.config.batch_size}")
+    return _run(model, prepared, given_states=states)
 
 
 def _exp(x: float) -> float:

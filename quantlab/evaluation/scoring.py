@@ -197,25 +197,36 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
 
 
-def score_windows(model, stream: TokenStream, windows: list[Window],
-                  config: EvalConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def window_batches(stream: TokenStream, windows: list[Window], batch_size: int) -> Iterator[tuple[list[Window], torch.Tensor]]:
+    """Consecutive windows, ``batch_size`` at a time, with their tokens (B, L) on the CPU."""
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        yield batch, torch.stack([stream.ids[w.begin : w.end] for w in batch])
+
+
+def score_windows(model, stream: TokenStream, windows: list[Window], config: EvalConfig,
+                  given_states: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per chunk of scored tokens: fp32 log-probs (n, V) and the tokens they predict (n,).
 
     Chunks come out in stream order, each at most ``chunk_tokens(V)`` positions, so a consumer can
     line them up with a cached reference, and two models scored on the same windows give chunks of
     the same sizes. The (window, vocab) logits are never materialised: the base model's hidden
     states of the scored positions go through the head one chunk at a time.
+
+    ``given_states``: the base model's last hidden states of each batch (B, L-1, H), computed elsewhere
+    (block by block, for a model larger than memory); then only the head of ``model`` runs.
     """
     device = model_device(model)
     head = output_head(model)
-    for start in range(0, len(windows), config.batch_size):
-        batch = windows[start : start + config.batch_size]
-        tokens = torch.stack([stream.ids[w.begin : w.end] for w in batch]).to(device)  # (B, L)
+    for number, (batch, tokens) in enumerate(window_batches(stream, windows, config.batch_size)):
+        tokens = tokens.to(device)  # (B, L)
         # The window's last token is only ever a target, so the model sees the first L - 1:
         # predictor p (0 <= p < L - 1) scores token p + 1, exactly as lm-eval feeds its windows.
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L-1) each
         with torch.inference_mode(), compute_context(model, config.dtype):
-            if head is None:
+            if given_states is not None:
+                states = given_states[number].to(device)
+            elif head is None:
                 states = model(input_ids=inputs, use_cache=False).logits  # (B, L-1, V)
             else:
                 states = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state  # (B, L-1, H)

@@ -32,7 +32,8 @@ from quantlab.errors import ModelLoadError
 from quantlab.models import loading
 from quantlab.models.architectures import ModelStructure, describe
 from quantlab.models.paths import printable
-from quantlab.models.prequantized import quantization_config
+from quantlab.models import stored_formats
+from quantlab.models.prequantized import quantization_config, stored_layers
 from quantlab.models.weightfiles import SAFETENSORS_SUFFIXES, read_header, weight_files
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class LazyModel:
     locations: dict[str, Path]  # stored tensor name -> the safetensors file that holds it
     dtype: torch.dtype  # what floating tensors are cast to as they are read
     device: torch.device  # where blocks are loaded
+    stored: dict | None = None  # a pre-quantized checkpoint's quantization config: its linears are dequantized
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -101,8 +103,10 @@ def load_block(lazy: LazyModel, index: int) -> nn.Module:
     block = copy.deepcopy(lazy.structure.blocks(lazy.model)[index])  # on meta: a few Python objects
     prefix = lazy.block_prefix(index)
     keys = list(block.state_dict())
-    tensors = read_tensors(lazy, [prefix + key for key in keys])
-    _place(block, {key: tensors.pop(prefix + key) for key in keys}, lazy)
+    dequantized = _stored_weights(lazy, prefix, keys)
+    plain = [key for key in keys if key not in dequantized]
+    tensors = read_tensors(lazy, [prefix + key for key in plain])
+    _place(block, {key: tensors.pop(prefix + key) for key in plain} | dequantized, lazy)
     left = [name for name, t in (*block.named_parameters(), *block.named_buffers()) if t.is_meta]
     if left:
         raise ModelLoadError(f"block {index} of {printable(lazy.source)} has tensors the checkpoint does not hold "
@@ -110,14 +114,38 @@ def load_block(lazy: LazyModel, index: int) -> nn.Module:
     return block.eval().requires_grad_(False)
 
 
+def _stored_weights(lazy: LazyModel, prefix: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """A pre-quantized block's linear weights (key relative to the block -> fp32 weight), dequantized
+    from the stored codes one layer at a time; {} for a full-precision checkpoint."""
+    if lazy.stored is None:
+        return {}
+    wanted = {prefix + key.removesuffix(".weight") for key in keys
+              if key.endswith(".weight") and prefix + key not in lazy.locations}
+    layers = stored_layers(lazy.source, lazy.stored, wanted)
+    return {layer.name.removeprefix(prefix) + ".weight": layer.weight() for layer in layers}
+
+
+def load_head(lazy: LazyModel) -> None:
+    """Read the output head into the lazy model (evaluation needs it; calibration stops before it).
+    A tied head shares the input embedding, as in the full model."""
+    head = lazy.model.get_output_embeddings() if hasattr(lazy.model, "get_output_embeddings") else None
+    if head is None or not head.weight.is_meta:
+        return
+    name = next(f"{n}.weight" for n, module in lazy.model.named_modules() if module is head)
+    if name in lazy.locations:
+        _place(lazy.model, read_tensors(lazy, [name]), lazy)
+    elif getattr(lazy.model.config, "tie_word_embeddings", False):
+        head.weight = lazy.model.get_input_embeddings().weight
+    else:
+        raise ModelLoadError(f"{printable(lazy.source)}: the output head {printable(name)} is not in the checkpoint's "
+                             "files and the config does not tie it to the embeddings")
+
+
 def _check_folder(resolved: str, config) -> list[Path]:
     folder = Path(resolved)
     if not folder.is_dir():
         raise ModelLoadError(f"sequential onloading reads a local model folder; {printable(resolved)} is not one "
                              "(download it first, e.g. `hf download ID --local-dir DIR`)")
-    if quantization_config(config) is not None or getattr(config, "quantization_config", None) is not None:
-        raise ModelLoadError(f"{printable(folder.name)} is pre-quantized; sequential onloading reads full-precision "
-                             "checkpoints (load it in memory instead: its dequantized weights are quantized)")
     files = weight_files(folder)
     if not files or any(path.suffix not in SAFETENSORS_SUFFIXES for path in files):
         raise ModelLoadError(f"{printable(folder.name)}: sequential onloading needs safetensors weights (memory-mapped "
@@ -125,8 +153,28 @@ def _check_folder(resolved: str, config) -> list[Path]:
     return files
 
 
-def open_lazy(source: str | Path | None, device=None, dtype="auto", trust_remote_code: bool = False) -> LazyModel:
-    """The model of a local safetensors folder with only what runs before its first block in memory."""
+def _stored_config(config, folder: str, prequantized_ok: bool) -> dict | None:
+    """A pre-quantized checkpoint's quantization config, taken out of ``config`` so that the plain
+    architecture is built (its linears are dequantized as blocks are read); None for full precision."""
+    if quantization_config(config) is None:
+        return None
+    if not prequantized_ok:
+        raise ModelLoadError(f"{printable(Path(folder).name)} is pre-quantized; sequential quantization reads "
+                             "full-precision checkpoints (load it in memory instead: its dequantized weights are quantized)")
+    route = stored_formats.route_for(config)  # checks the format: an unreadable one is one line
+    if route.qconfig is None:
+        raise ModelLoadError(f"{printable(Path(folder).name)} is stored as {stored_formats.quant_format(config)}, "
+                             "which transformers decompresses as it loads; evaluate it in memory (without --sequential)")
+    return route.qconfig
+
+
+def open_lazy(source: str | Path | None, device=None, dtype="auto", trust_remote_code: bool = False,
+              prequantized_ok: bool = False) -> LazyModel:
+    """The model of a local safetensors folder with only what runs before its first block in memory.
+
+    ``prequantized_ok``: a compressed-tensors (integer), GPTQ or AWQ checkpoint opens too, each
+    block's linears dequantized from the stored codes as it is read (sequential evaluation).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -136,6 +184,7 @@ def open_lazy(source: str | Path | None, device=None, dtype="auto", trust_remote
     resolved, download = loading._prepare(source)
     config = loading._load_config(resolved, trust_remote_code, not download)
     files = _check_folder(resolved, config)
+    stored = _stored_config(config, resolved, prequantized_ok)
     locations = {info.name: path for path in files for info in read_header(path)}
     torch_dtype = loading._torch_dtype(dtype, config)
     auto = AutoModelForCausalLM if loading.model_kind(config) == "causal" else AutoModel
@@ -148,7 +197,7 @@ def open_lazy(source: str | Path | None, device=None, dtype="auto", trust_remote
     if structure.block_path is None or not structure.linears:
         raise ModelLoadError(f"{printable(resolved)} has no linear layers inside transformer blocks: nothing to quantize")
     lazy = LazyModel(model.eval().requires_grad_(False), loading._load_tokenizer(resolved, not download),
-                     loading.display_name(source), resolved, structure, locations, torch_dtype, target)
+                     loading.display_name(source), resolved, structure, locations, torch_dtype, target, stored)
     _load_outside_blocks(lazy)
     log.info("%s: opened lazily, %d blocks left in %d files (%.2f GB)", lazy.name, structure.n_blocks, len(files),
              lazy.checkpoint_bytes / 1e9)

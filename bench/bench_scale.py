@@ -118,11 +118,12 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def measured(argv: list[str], log_path: Path) -> dict:
-    """Run ``argv``; wall seconds, peak RSS (this process alone), exit code, its stderr kept in a log."""
+def measured(argv: list[str], log_path: Path, keep_stdout: bool = False) -> dict:
+    """Run ``argv``; wall seconds, peak RSS (this process alone), exit code, its stderr (and with
+    ``keep_stdout`` its stdout) kept in a log."""
     started = time.perf_counter()
     with log_path.open("w") as log:
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
+        process = subprocess.Popen(argv, stdout=log if keep_stdout else subprocess.DEVNULL, stderr=log, cwd=ROOT,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
         _, status, usage = os.wait4(process.pid, 0)
     stderr = log_path.read_text()

@@ -5,7 +5,8 @@ runs, each as its own measured process (``os.wait4``: peak RSS of that process a
 
     quantize --sequential  rtn and/or gptq, int4 g128, into bench/.scale/NAME-METHOD-int4-g128
     inspect EXPORT         the export opens again (headers, quantization config)
-    eval EXPORT            only with --eval-tokens N (it loads the whole dequantized model)
+    eval --sequential      with --eval-tokens N: the bf16 checkpoint itself and each export, one
+                           block at a time (an export dequantizes block by block from its codes)
 
 The runs' stderr goes to ``bench/results/sequential-NAME-METHOD.log`` as they run: one line per
 block with its seconds, RSS and peak RSS. A stopped run resumes at its next block when this script
@@ -45,7 +46,7 @@ def block_seconds(log_text: str) -> list[float]:
 def row(label: str, result: dict, ckpt: int, blocks: list[float]) -> str:
     per_block = f"{statistics.mean(blocks):8.1f}" if blocks else f"{'-':>8}"
     status = "" if result["rc"] == 0 else f"  (exit {result['rc']})"
-    return (f"{label:<34} {result['wall_s']:9.1f} {per_block} {result['peak_rss'] / 2**30:9.2f} "
+    return (f"{label:<42} {result['wall_s']:9.1f} {per_block} {result['peak_rss'] / 2**30:9.2f} "
             f"{result['peak_rss'] / ckpt:8.3f}{status}")
 
 
@@ -67,15 +68,25 @@ def run_method(folder: Path, shape: str, method: str, args, ckpt: int) -> dict:
               "wall_s": result["wall_s"], "peak_rss": result["peak_rss"], "rc": result["rc"], "block_s": blocks}
     if result["rc"] == 0:
         opened = bench_scale.measured([sys.executable, "-m", "quantlab", "inspect", str(out)],
-                                      RESULTS / f"sequential-{shape}-{method}-inspect.log")
+                                      RESULTS / f"sequential-{shape}-{method}-inspect.log", keep_stdout=True)
         print(row("  inspect EXPORT", opened, ckpt, []), flush=True)
         record["inspect"] = {k: opened[k] for k in ("wall_s", "peak_rss", "rc")}
         if args.eval_tokens:
-            scored = bench_scale.measured([sys.executable, "-m", "quantlab", "eval", str(out), "--max-tokens",
-                                           str(args.eval_tokens)], RESULTS / f"sequential-{shape}-{method}-eval.log")
-            print(row(f"  eval EXPORT ({args.eval_tokens} tokens)", scored, ckpt, []), flush=True)
-            record["eval"] = {k: scored[k] for k in ("wall_s", "peak_rss", "rc")}
+            record["eval"] = evaluate(out, f"{shape}-{method}", "  eval --sequential EXPORT", args, ckpt)
     return record
+
+
+def evaluate(folder: Path, tag: str, label: str, args, ckpt: int) -> dict:
+    """``eval FOLDER --sequential`` on the first --eval-tokens held-out tokens: time, peak RSS, perplexity."""
+    argv = [sys.executable, "-m", "quantlab", "eval", str(folder), "--sequential", "--max-tokens",
+            str(args.eval_tokens), "--dtype", args.dtype, "--json"]
+    log_path = RESULTS / f"sequential-{tag}-eval.log"
+    scored = bench_scale.measured(argv, log_path, keep_stdout=True)
+    blocks = block_seconds(scored["stderr"])
+    print(row(f"{label} ({args.eval_tokens} tokens)", scored, ckpt, blocks), flush=True)
+    found = re.search(r'"perplexity": ([0-9.eE+-]+|Infinity)', log_path.read_text())
+    return {k: scored[k] for k in ("wall_s", "peak_rss", "rc")} | {
+        "tokens": args.eval_tokens, "block_s": blocks, "perplexity": float(found[1]) if found else None}
 
 
 def main() -> None:
@@ -86,14 +97,20 @@ def main() -> None:
     parser.add_argument("--gptq-samples", type=int, default=8)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--eval-tokens", type=int, default=0, help="also evaluate the export on N tokens (0: no)")
+    parser.add_argument("--eval-tokens", type=int, default=0, help="also evaluate the checkpoint and each export on N tokens, --sequential (0: no)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     folder = bench_scale.in_child("build_shape", args.shape)
     ckpt = bench_scale.checkpoint_bytes(folder)
     print(f"# {args.shape}: {ckpt / 2**30:.2f} GiB bf16 checkpoint", flush=True)
-    print(f"{'command':<34} {'wall s':>9} {'s/block':>8} {'peak GiB':>9} {'RSS/ckpt':>8}", flush=True)
-    records = [run_method(folder, args.shape, m.strip(), args, ckpt) for m in args.methods.split(",")]
+    print(f"{'command':<42} {'wall s':>9} {'s/block':>8} {'peak GiB':>9} {'RSS/ckpt':>8}", flush=True)
+    if args.eval_tokens:
+        print(f"{'':<42} perplexity of the random-weight checkpoint: only time and memory mean anything", flush=True)
+        scored = evaluate(folder, f"{args.shape}-bf16", "eval --sequential CHECKPOINT", args, ckpt)
+        records = [{"method": "eval-checkpoint", "checkpoint_bytes": ckpt, "eval": scored}]
+    else:
+        records = []
+    records += [run_method(folder, args.shape, m.strip(), args, ckpt) for m in args.methods.split(",") if m.strip()]
     summary = RESULTS / f"sequential-{args.shape}.json"
     kept = json.loads(summary.read_text()) if summary.is_file() else []  # other methods' earlier records stay
     measured_now = {r["method"] for r in records if not r.get("skipped")}

@@ -88,6 +88,20 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def bf16_untied(tmp_path_factory) -> Path:
+    """A 2-block bf16 Llama with an untied head, saved as several shards: the 8B shape's layout in small."""
+    config = tiny_config("llama")
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="300KB")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(resolve_source(BUNDLED_LM)) / "tokenizer.json"))
+    tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
 def bundled_lm_path(tmp_path_factory) -> Path:
     """A private copy of the bundled LM's folder.
 

@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import tiny_config
 from quantlab.errors import FormatError, ModelLoadError
 from quantlab.models.lazy import load_block, open_lazy
-from quantlab.models.loading import BUNDLED_LM, load_model, resolve_source
+from quantlab.models.loading import BUNDLED_LM, load_model
 from quantlab.recipe import CalibConfig, KVSpec, parse_config_name
 from quantlab.runs.export import export_compressed
 from quantlab.runs.pipeline import quantize_model
@@ -42,19 +40,6 @@ def in_memory_export(source, config, out: Path) -> Path:
     model, _ = quantize_model(loaded, config, evaluate_quality=False)
     export_compressed(model, out, loaded.tokenizer)
     return out
-
-
-@pytest.fixture(scope="module")
-def bf16_untied(tmp_path_factory) -> Path:
-    """A 2-block bf16 Llama with an untied head, saved as two shards: the 8B shape's layout in small."""
-    config = tiny_config("llama")
-    config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    folder = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="300KB")
-    PreTrainedTokenizerFast(tokenizer_file=str(Path(resolve_source(BUNDLED_LM)) / "tokenizer.json")).save_pretrained(folder)
-    assert (folder / "model.safetensors.index.json").is_file()
-    return folder
 
 
 @pytest.mark.parametrize("name", ["int4-g64", "gptq-int4-g64"])

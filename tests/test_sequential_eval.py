@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from conftest import tiny_config
 from quantlab.cli import main as cli_main
 from quantlab.errors import ModelLoadError
 from quantlab.evaluation import EvalConfig, load_text
@@ -57,21 +56,9 @@ def test_bundled_lm_sequential_equals_in_memory():
     assert_same(*both(BUNDLED_LM, EvalConfig(max_tokens=2048, batch_size=3)))  # a short last batch too
 
 
-@pytest.fixture(scope="module")
-def sharded_bf16(tmp_path_factory) -> Path:
-    """2 bf16 Llama blocks with an untied head in several shards: the 8B checkpoint's layout in small."""
-    config = tiny_config("llama")
-    config.tie_word_embeddings = False
-    torch.manual_seed(3)
-    folder = tmp_path_factory.mktemp("seq-eval") / "tiny-bf16"
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="300KB")
-    bundled_tokenizer().save_pretrained(folder)
-    assert (folder / "model.safetensors.index.json").is_file()
-    return folder
-
-
-def test_sharded_bf16_sequential_equals_in_memory(sharded_bf16):
-    whole, streamed = both(sharded_bf16)
+def test_sharded_bf16_sequential_equals_in_memory(bf16_untied):
+    """The conftest's bf16 Llama: several shards, an untied head."""
+    whole, streamed = both(bf16_untied)
     assert whole.dtype == streamed.dtype == "bfloat16"
     assert_same(whole, streamed)
 

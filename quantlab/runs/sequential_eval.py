@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from quantlab.calibrate.runner import BlockInputs, capture_block_inputs
+from quantlab.device import trim_c_heap
 from quantlab.evaluation.config import EvalConfig
 from quantlab.evaluation.perplexity import PerplexityResult, perplexity_of_states, prepare_windows
 from quantlab.evaluation.scoring import compute_context, window_batches
@@ -126,6 +127,7 @@ def perplexity_sequential(lazy: LazyModel, text: str, config: EvalConfig | None 
         block = load_block(lazy, index)
         hidden, as_tuple = _through_block(block, inputs, hidden, context)
         del block
+        trim_c_heap()  # the block's tensors go back to the system, not into a fragmented heap
         if on_block is not None:
             on_block(EvalBlockReport(index, n_blocks, time.perf_counter() - started, *rss_bytes()))
     if progress is not None:

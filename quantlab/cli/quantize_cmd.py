@@ -210,7 +210,7 @@ def run_sequential(args: argparse.Namespace) -> int:
     document = summary(result.run) | {"export": str(result.export), "resumed_from_block": result.resumed_from,
                                       "blocks": [vars(b) for b in result.blocks]}
     emit(document, args.json, describe(result.run) + f"\nexported to {result.export} (not evaluated: run "
-                                                      f"`quantlab eval {result.export}`)")
+                                                      f"`quantlab eval {result.export} --sequential`)")
     return 0
 
 

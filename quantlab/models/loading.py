@@ -37,7 +37,7 @@ from quantlab.models.configcheck import check_against_weights, check_config, rea
 from quantlab.models.paths import AccessPolicy, allowed_path, file_kind, printable
 from quantlab.device import resolve_device
 from quantlab.errors import ModelLoadError, is_library_panic
-from quantlab.models import stored_formats
+from quantlab.models import memory, stored_formats
 from quantlab.models.prequantized import StoredQuantization
 from quantlab.models.sources import BUNDLED_ENCODER, BUNDLED_LM, display_name, is_bundled, resolve_source
 from quantlab.models.sizing import LayerSize, ModelSize, model_size, reference_size
@@ -254,6 +254,8 @@ def load_model(source: str | Path | None = None, device=None, dtype="auto",
     config = _load_config(resolved, trust_remote_code, not download)
     torch_dtype = _torch_dtype(dtype, config)
     route = stored_formats.route_for(config)  # pre-quantized: which reader (quantlab.models.stored_formats)
+    # A model too large for the free memory is refused here, before the OOM killer takes the server.
+    memory.check_fits(resolved, config, model_kind(config), torch_dtype, target, trust_remote_code)
     model, info = _from_pretrained(resolved, config, torch_dtype, trust_remote_code, download, route)
     stored, missing = stored_formats.fill(model, resolved, route, info.get("missing_keys"))
     if missing:

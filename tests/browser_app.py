@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.request
@@ -50,24 +51,27 @@ def streamlit_server(start_timeout: float = 120.0, address: str = "127.0.0.1", e
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                "--server.port", str(port), "--server.address", address, *EXTRA_ARGS]
-    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process, start_timeout)
-        yield url
-    finally:
-        process.terminate()
+    # stderr into a file, not a pipe nobody reads: a full pipe (64 KB of logs) would block the server.
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            _wait_healthy(url, process, start_timeout, stderr)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float, stderr) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+            stderr.seek(0)
+            raise RuntimeError(f"streamlit exited with {process.returncode}: {stderr.read().decode()[-2000:]}")
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
                 if response.read().strip() == b"ok":

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig
 
 from quantlab.cli import main as cli_main
-from quantlab.errors import ModelLoadError
+from quantlab.errors import ModelLoadError, QuantizationError
 from quantlab.models import memory
 from quantlab.models.loading import BUNDLED_LM, load_model, resolve_source
 from quantlab.models.stored_formats import route_for
@@ -69,3 +69,24 @@ def test_page_cache_counts_as_free_in_a_container(tmp_path):
     stat.write_text("anon 100\nfile 5000\ninactive_file 4096\nactive_file 904\n")
     assert memory._reclaimable(str(stat)) == 4096
     assert memory._reclaimable(str(tmp_path / "missing")) == 0
+
+
+def test_quantizing_in_memory_what_cannot_hold_its_codes_is_refused(bundled_lm, one_mib_free, capsys, monkeypatch):
+    with pytest.raises(QuantizationError, match=r"needs at least .* GiB more .*--sequential"):
+        quantize_model(bundled_lm, parse_config_name("int4-g64"), evaluate_quality=False)
+    monkeypatch.setattr(memory, "check_fits", lambda *args, **kwargs: None)  # the model loads; its run cannot
+    assert cli_main(["quantize", BUNDLED_LM, "--method", "rtn", "--max-eval-tokens", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB more" in err[0], err
+
+
+def test_the_run_estimate_is_the_codes_and_one_fp32_block(bundled_lm, monkeypatch):
+    linears = bundled_lm.structure.linears
+    weights = sum(info.in_features * info.out_features for info in linears)
+    largest = max(sum(i.in_features * i.out_features for i in linears if i.block == b) for b in {i.block for i in linears})
+    needed = weights + 4 * largest
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(needed * memory.MARGIN) + 1)
+    memory.check_run_fits("m", linears, torch.device("cpu"))  # just enough
+    monkeypatch.setattr(memory, "available_bytes", lambda device: needed)
+    with pytest.raises(QuantizationError):
+        memory.check_run_fits("m", linears, torch.device("cpu"))

@@ -32,6 +32,7 @@ from quantlab.device import release_memory
 from quantlab.errors import FormatError, QuantizationError
 from quantlab.evaluation import EvalConfig, build_reference, evaluate, load_text, model_context_length
 from quantlab.numerics.primitives import check_format_fits
+from quantlab.models.memory import check_run_fits
 from quantlab.models.sizing import model_size
 from quantlab.runs.progress import BlockClock, RunPlan
 
@@ -169,6 +170,8 @@ def quantize_model(loaded, config: QuantConfig, progress: Progress | None = None
     full-precision reference between calls (``eval_text``/``max_eval_tokens`` are then the session's).
     """
     check_config_fits(loaded.model, config, loaded.structure)
+    if config.weight_format is not None:  # the codes are held in memory: refuse what clearly cannot fit
+        check_run_fits(loaded.name, loaded.structure.linears, next(loaded.model.parameters()).device)
     session = session or QuantSession(loaded, eval_text, EvalConfig(max_tokens=max_eval_tokens))
     report = progress or (lambda fraction, message: None)
     model, layers, searches, calib_seconds = loaded.model, (), {}, 0.0

@@ -84,7 +84,7 @@ def evaluate(folder: Path, tag: str, label: str, args, ckpt: int) -> dict:
     scored = bench_scale.measured(argv, log_path, keep_stdout=True)
     blocks = block_seconds(scored["stderr"])
     print(row(f"{label} ({args.eval_tokens} tokens)", scored, ckpt, blocks), flush=True)
-    found = re.search(r'"perplexity": ([0-9.eE+-]+|Infinity)', log_path.read_text())
+    found = re.search(r'"perplexity": ([0-9.eE+-]+|Infinity)', scored["stderr"])  # the log holds stdout too
     return {k: scored[k] for k in ("wall_s", "peak_rss", "rc")} | {
         "tokens": args.eval_tokens, "block_s": blocks, "perplexity": float(found[1]) if found else None}
 
@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--gptq-samples", type=int, default=8)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--eval-tokens", type=int, default=0, help="also evaluate the checkpoint and each export on N tokens, --sequential (0: no)")
+    parser.add_argument("--eval-tokens", type=int, default=0,
+                        help="also evaluate the checkpoint and each export on N tokens, --sequential (0: no)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     folder = bench_scale.in_child("build_shape", args.shape)

@@ -37,21 +37,26 @@ def check_fits(resolved: str, config, kind: str, torch_dtype: torch.dtype, devic
                trust_remote_code: bool = False) -> None:
     """ModelLoadError when loading the model of ``config`` (``kind`` "causal" or "encoder") in
     ``torch_dtype`` would not fit in memory."""
-    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+    if _skipped():
         return
-    cpu_free = available_bytes(torch.device("cpu"))
-    folder = Path(resolved)
-    if folder.is_dir() and cpu_free is not None:
-        on_disk = sum(path.stat().st_size for path in weight_files(folder))
-        if on_disk * MAX_GROWTH * MARGIN < cpu_free and device.type == "cpu":
+    cpu = torch.device("cpu")
+    free = {cpu: available_bytes(cpu)}
+    if device.type == "cpu" and free[cpu] is not None and Path(resolved).is_dir():
+        on_disk = sum(path.stat().st_size for path in weight_files(Path(resolved)))
+        if on_disk * MAX_GROWTH * MARGIN < free[cpu]:
             return  # fits whatever the checkpoint holds: not worth building the architecture
     needed = parameter_bytes(config, torch_dtype, kind, trust_remote_code)
     if needed is None:
         return
-    for where in {torch.device("cpu"), device}:
-        free = available_bytes(where)
-        if free is not None and needed * MARGIN > free:
-            raise ModelLoadError(_refusal(resolved, needed, free, torch_dtype, where))
+    if device != cpu:
+        free[device] = available_bytes(device)
+    for where, left in free.items():
+        if left is not None and needed * MARGIN > left:
+            raise ModelLoadError(_refusal(resolved, needed, left, torch_dtype, where))
+
+
+def _skipped() -> bool:
+    return os.environ.get(SKIP_ENV, "") not in ("", "0")
 
 
 def check_run_fits(name: str, linears, device: torch.device) -> None:
@@ -66,9 +71,8 @@ def check_run_fits(name: str, linears, device: torch.device) -> None:
     and the run competes with the page cache: the 8B shape on this 24 GiB machine passed it and
     ran at 23.7 GB peak RSS, most of it the mapped checkpoint (README, "Real checkpoints").
     """
-    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+    if _skipped():
         return
-    linears = list(linears)
     per_block: dict[int | None, int] = {}
     for info in linears:
         per_block[info.block] = per_block.get(info.block, 0) + info.in_features * info.out_features

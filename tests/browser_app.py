@@ -115,16 +115,19 @@ _ARM_RERUN = """(quietMs) => {
     const app = document.querySelector('[data-testid="stApp"]');
     let ran = false, finished = null, timer = null;
     window.__quantlabSettled = new Promise(resolve => {
-        const observer = new MutationObserver(() => {
+        const observer = new MutationObserver(records => {
             const state = app.getAttribute('data-test-script-state');
             clearTimeout(timer);
-            if (state === 'running') ran = true;
-            else if (ran && state === 'notRunning') {
+            // A short run can go running -> notRunning between two callbacks: its 'running' is then only
+            // in a record's old value, and reading the attribute alone would wait for a run already over.
+            if (state === 'running' || records.some(record => record.oldValue === 'running')) ran = true;
+            if (ran && state === 'notRunning') {
                 finished = performance.now();
                 timer = setTimeout(() => { observer.disconnect(); resolve(finished); }, quietMs);
             }
         });
-        observer.observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+        observer.observe(app, {attributes: true, attributeOldValue: true,
+                                attributeFilter: ['data-test-script-state']});
     });
     window.__quantlabStart = performance.now();
 }"""

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import save_file
 import torch
 
-from tests.browser_app import CHROMIUM, EXCEPTION, launch, streamlit_server, timed_interaction, wait_settled
+from tests.browser_app import CHROMIUM, EXCEPTION, SETTLED, launch, streamlit_server, wait_settled
 
 pytestmark = pytest.mark.browser
 SIDEBAR = '[data-testid="stSidebar"]'
@@ -69,8 +69,11 @@ def test_a_visitor_cannot_reach_past_the_operators_settings(tmp_path):
         messages = set()
         for path in (secret, tmp_path / "no-such-folder", Path("/etc"), Path("/proc/self/environ")):
             box.fill(str(path))
-            timed_interaction(visitor, lambda: box.press("Enter"))
+            box.press("Enter")
+            # Waits on what the run draws, not on seeing it start: a refusal's run can be so short that the
+            # page never shows it running (React batches running -> notRunning into one render).
             _wait_for_alert_naming(visitor, str(path))  # not the previous path's alert, still on screen
+            visitor.wait_for_selector(SETTLED, timeout=120_000)
             alerts = _sidebar_alerts(visitor)
             assert len(alerts) == 1 and "cannot open" in alerts[0], alerts
             messages.add(alerts[0].replace(str(path), "PATH"))

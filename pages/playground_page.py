@@ -61,75 +61,75 @@ def _fragment_run() -> bool:
     return bool(ctx is not None and ctx.fragment_ids_this_run)
 
 
-@st.fragment
-def interactive() -> None:
-    """The values, the controls and everything computed from both.
+def _values_editor() -> list[float]:
+    """The values: edited in a table or drawn from a distribution; returns what the table holds now."""
+    mode = st.radio("Values", ("edit a vector", "draw from a distribution"), horizontal=True, key="pg_mode")
+    if mode == "draw from a distribution":
+        left, mid, right = st.columns(3)
+        kind = left.selectbox("Distribution", tensors.DISTRIBUTIONS, index=1, key="pg_dist",
+                              help="Trained weights look roughly Laplace: a sharp peak and heavy tails.")
+        n = mid.number_input("How many", 4, 512, 64, step=4, key="pg_n")
+        seed = right.number_input("Seed", 0, 10_000, 0, key="pg_seed")
+        if st.button("Draw", key="pg_draw"):
+            _replace_values(tensors.sample_distribution(kind, int(n), int(seed), spread=0.5).tolist())
+    edited = st.data_editor(pd.DataFrame({"value": state["pg_values"]}), num_rows="dynamic", height=240,
+                            key=f"pg_editor_{state['pg_version']}", width="stretch")
+    values = [float(v) for v in edited["value"].dropna()]
+    if values != state.get("pg_shown_values") and _fragment_run():
+        st.rerun(scope="app")
+    state["pg_shown_values"] = values
+    add, reset = st.columns(2)
+    if add.button("Add an outlier (appends 10 × max |x|)", key="pg_outlier", width="stretch"):
+        with user_errors():
+            _replace_values(tensors.with_outlier(values))
+        st.rerun()
+    if reset.button("Reset to the example", key="pg_reset", width="stretch"):
+        _replace_values(DEFAULT_VALUES)
+        st.rerun()
+    return values
 
-    A fragment: a step of a control reruns this part only, not the sidebar and not the model-independent
-    sections below (bench/bench_pages.py times the steps). When the values change here (an edit, a draw),
-    the page reruns whole, so that the block formats below follow them.
-    """
-    source, controls = st.columns([3, 2])
-    with source:
-        mode = st.radio("Values", ("edit a vector", "draw from a distribution"), horizontal=True, key="pg_mode")
-        if mode == "draw from a distribution":
-            left, mid, right = st.columns(3)
-            kind = left.selectbox("Distribution", tensors.DISTRIBUTIONS, index=1, key="pg_dist",
-                                  help="Trained weights look roughly Laplace: a sharp peak and heavy tails.")
-            n = mid.number_input("How many", 4, 512, 64, step=4, key="pg_n")
-            seed = right.number_input("Seed", 0, 10_000, 0, key="pg_seed")
-            if st.button("Draw", key="pg_draw"):
-                _replace_values(tensors.sample_distribution(kind, int(n), int(seed), spread=0.5).tolist())
-        edited = st.data_editor(pd.DataFrame({"value": state["pg_values"]}), num_rows="dynamic", height=240,
-                                key=f"pg_editor_{state['pg_version']}", width="stretch")
-        values = [float(v) for v in edited["value"].dropna()]
-        if values != state.get("pg_shown_values") and _fragment_run():
-            st.rerun(scope="app")
-        state["pg_shown_values"] = values
-        add, reset = st.columns(2)
-        if add.button("Add an outlier (appends 10 × max |x|)", key="pg_outlier", width="stretch"):
-            with user_errors():
-                _replace_values(tensors.with_outlier(values))
-            st.rerun()
-        if reset.button("Reset to the example", key="pg_reset", width="stretch"):
-            _replace_values(DEFAULT_VALUES)
-            st.rerun()
 
-    with controls:
-        bits = st.slider("Bits", 2, 8, 4, key="pg_bits")
-        symmetric = st.radio("Grid", ("symmetric", "asymmetric"), horizontal=True, key="pg_sym") == "symmetric"
-        explain("zero-point")
-        symmetric_range = st.radio("Symmetric range", ("full", "restricted"), horizontal=True, key="pg_range",
-                                   disabled=not symmetric,
-                                   help="full (the default): codes -8..7 at 4 bits and s = max|x| / 7.5, as compressed-"
-                                        "tensors, llm-compressor and GPTQ quantize; restricted: codes -7..7, s = max|x| / 7.")
-        sizes = tensors.playground_group_sizes(len(values))
-        per_group = st.radio("Scale shared by", ("the whole vector", "groups"), horizontal=True, key="pg_gran",
-                             disabled=not sizes) == "groups"
-        group_size = st.selectbox("Group size", sizes or [len(values)], key="pg_group", disabled=not per_group)
-        explain("group size")
-        scale_dtype = st.radio("Scale stored as", ("fp16", "fp32"), horizontal=True, key="pg_scale_dtype",
-                               help="Real checkpoints store scales in fp16, which rounds them to ~3 significant "
-                                    "digits; fp32 removes that rounding.")
-
+def _format_controls(values: list[float]) -> tuple[QuantFormat, int]:
+    """The grid's controls; returns the format and the number of groups the values split into."""
+    bits = st.slider("Bits", 2, 8, 4, key="pg_bits")
+    symmetric = st.radio("Grid", ("symmetric", "asymmetric"), horizontal=True, key="pg_sym") == "symmetric"
+    explain("zero-point")
+    symmetric_range = st.radio("Symmetric range", ("full", "restricted"), horizontal=True, key="pg_range",
+                               disabled=not symmetric,
+                               help="full (the default): codes -8..7 at 4 bits and s = max|x| / 7.5, as compressed-"
+                                    "tensors, llm-compressor and GPTQ quantize; restricted: codes -7..7, s = max|x| / 7.")
+    sizes = tensors.playground_group_sizes(len(values))
+    per_group = st.radio("Scale shared by", ("the whole vector", "groups"), horizontal=True, key="pg_gran",
+                         disabled=not sizes) == "groups"
+    group_size = st.selectbox("Group size", sizes or [len(values)], key="pg_group", disabled=not per_group)
+    explain("group size")
+    scale_dtype = st.radio("Scale stored as", ("fp16", "fp32"), horizontal=True, key="pg_scale_dtype",
+                           help="Real checkpoints store scales in fp16, which rounds them to ~3 significant "
+                                "digits; fp32 removes that rounding.")
+    grouped = per_group and bool(sizes)
     with user_errors():
-        gran = Granularity("group", group_size) if per_group and sizes else Granularity("tensor")
-        fmt = QuantFormat(n_bits=bits, symmetric=symmetric, granularity=gran, scale_dtype=scale_dtype,
-                          symmetric_range=symmetric_range if symmetric else "full")
-        n_groups = len(values) // group_size if per_group and sizes else 1
-        shown_group = 0
-        if n_groups > 1:
-            largest = tensors.largest_group(values, fmt)
-            choice = controls.selectbox("Chart and formulas for", ["the group with the largest |x|",
-                                                                   *[f"group {g}" for g in range(n_groups)]],
-                                        key="pg_grid_group")
-            shown_group = largest if choice.startswith("the group") else int(choice.split()[1])
-        result, figure, steps = _quantized(tuple(values), repr(fmt), shown_group, fmt)
+        fmt = QuantFormat(n_bits=bits, symmetric=symmetric,
+                          granularity=Granularity("group", group_size) if grouped else Granularity("tensor"),
+                          scale_dtype=scale_dtype, symmetric_range=symmetric_range if symmetric else "full")
+    return fmt, len(values) // group_size if grouped else 1
 
+
+def _shown_group(values: list[float], fmt: QuantFormat, n_groups: int, where) -> int:
+    """Which group the chart and the formulas show: the one with the largest |x| unless one is chosen."""
+    if n_groups <= 1:
+        return 0
+    largest = tensors.largest_group(values, fmt)
+    choice = where.selectbox("Chart and formulas for", ["the group with the largest |x|",
+                                                        *[f"group {g}" for g in range(n_groups)]],
+                             key="pg_grid_group")
+    return largest if choice.startswith("the group") else int(choice.split()[1])
+
+
+def _formulas(fmt: QuantFormat, steps, result, where: str) -> None:
+    """The scale (and zero-point) formulas, then the same with this group's numbers."""
     shown = result.groups.iloc[steps.group]
-    where = f" (group {steps.group})" if n_groups > 1 else ""
     st.subheader("The formulas, with your numbers" + where)
-    if symmetric:
+    if fmt.symmetric:
         low = r"-(2^{b-1}-1)" if fmt.restricted else r"-2^{b-1}"
         divisor = r"2^{b-1}-1" if fmt.restricted else r"(2^{b}-1)/2"
         st.latex(rf"s = \frac{{\max |x|}}{{{divisor}}} \qquad q = \mathrm{{clamp}}\left(\mathrm{{round}}\left(\frac{{x}}{{s}}"
@@ -144,15 +144,20 @@ def interactive() -> None:
                  rf"z = \mathrm{{round}}\left(\frac{{{-steps.low:.4g}}}{{{steps.stored_scale:.5g}}}\right) = "
                  rf"{steps.zero_point} \qquad q \in [{fmt.qmin}, {fmt.qmax}]")
     if steps.rounded:
-        st.caption(f"The exact division gives {steps.exact_scale:.7g}; the scale is stored in {scale_dtype}, which keeps "
-                   f"about 3 significant digits, so {steps.stored_scale:.5g} ({scale_dtype} of {steps.exact_scale:.7g}) "
-                   "is what every code is computed with. Store it as fp32 (right) to remove that rounding.")
+        st.caption(f"The exact division gives {steps.exact_scale:.7g}; the scale is stored in {fmt.scale_dtype}, which "
+                   f"keeps about 3 significant digits, so {steps.stored_scale:.5g} ({fmt.scale_dtype} of "
+                   f"{steps.exact_scale:.7g}) is what every code is computed with. Store it as fp32 (right) to remove "
+                   "that rounding.")
     st.caption(f"**Scale**: {GLOSSARY['scale']} With {len(result.groups)} scale(s); this group's grid spans "
                f"[{shown['lowest']:.4g}, {shown['highest']:.4g}].")
 
+
+def _results(fmt: QuantFormat, result, figure, steps, where: str) -> None:
+    """The headline numbers, the chart and the two tables (every value, every group)."""
+    shown = result.groups.iloc[steps.group]
     metrics = st.columns(4)
     metrics[0].metric("Scale" + where, f"{shown['scale']:.4g}")
-    metrics[1].metric("Zero-point", int(shown["zero_point"]) if not symmetric else "none")
+    metrics[1].metric("Zero-point", int(shown["zero_point"]) if not fmt.symmetric else "none")
     metrics[2].metric("Mean squared error", f"{result.report.mse:.3g}")
     metrics[3].metric("Values clipped", int(result.table["clipped"].sum()))
     st.plotly_chart(figure, key="pg_chart")
@@ -166,19 +171,44 @@ def interactive() -> None:
     st.dataframe(result.groups, hide_index=True, width="stretch")
     download_table(result.groups, "playground_groups")
 
-    if symmetric:
-        st.subheader("Full or restricted range: the extra level")
-        summary, range_figures = _both_ranges(tuple(values), repr(fmt), fmt)
-        st.caption(f"The same values on both symmetric grids. The full range [{-2 ** (bits - 1)}, {2 ** (bits - 1) - 1}] "
-                   "is what compressed-tensors, llm-compressor, GPTQ and vLLM use: its step is max|x| / "
-                   f"{2 ** bits / 2 - 0.5:g} instead of / {2 ** (bits - 1) - 1}, finer for every value, and the most "
-                   "negative value can use the extra code; the price is that a positive max|x| lands on "
-                   f"{2 ** bits / 2 - 0.5:g} steps and is clipped to {2 ** (bits - 1) - 1}, half a step short. "
-               "Symbols as in the chart above.")
-        for column, (grid, range_figure) in zip(st.columns(2), range_figures.items()):
-            column.plotly_chart(range_figure, key=f"pg_range_chart_{grid}")
-        st.dataframe(summary, hide_index=True, width="stretch")
 
+def _range_comparison(values: list[float], fmt: QuantFormat) -> None:
+    """A symmetric grid on the full and on the restricted range, side by side."""
+    bits = fmt.n_bits
+    st.subheader("Full or restricted range: the extra level")
+    summary, range_figures = _both_ranges(tuple(values), repr(fmt), fmt)
+    st.caption(f"The same values on both symmetric grids. The full range [{-2 ** (bits - 1)}, {2 ** (bits - 1) - 1}] "
+               "is what compressed-tensors, llm-compressor, GPTQ and vLLM use: its step is max|x| / "
+               f"{2 ** bits / 2 - 0.5:g} instead of / {2 ** (bits - 1) - 1}, finer for every value, and the most "
+               "negative value can use the extra code; the price is that a positive max|x| lands on "
+               f"{2 ** bits / 2 - 0.5:g} steps and is clipped to {2 ** (bits - 1) - 1}, half a step short. "
+               "Symbols as in the chart above.")
+    for column, (grid, range_figure) in zip(st.columns(2), range_figures.items()):
+        column.plotly_chart(range_figure, key=f"pg_range_chart_{grid}")
+    st.dataframe(summary, hide_index=True, width="stretch")
+
+
+@st.fragment
+def interactive() -> None:
+    """The values, the controls and everything computed from both.
+
+    A fragment: a step of a control reruns this part only, not the sidebar and not the model-independent
+    sections below (bench/bench_pages.py times the steps). When the values change here (an edit, a draw),
+    the page reruns whole, so that the block formats below follow them.
+    """
+    source, controls = st.columns([3, 2])
+    with source:
+        values = _values_editor()
+    with controls:
+        fmt, n_groups = _format_controls(values)
+    with user_errors():
+        shown_group = _shown_group(values, fmt, n_groups, controls)
+        result, figure, steps = _quantized(tuple(values), repr(fmt), shown_group, fmt)
+    where = f" (group {steps.group})" if n_groups > 1 else ""
+    _formulas(fmt, steps, result, where)
+    _results(fmt, result, figure, steps, where)
+    if fmt.symmetric:
+        _range_comparison(values, fmt)
 
 
 interactive()

@@ -9,7 +9,7 @@ derives the very same codes and scales. Outside torch.distributed every function
 
 Bit-identical sums whatever N: floating-point addition is commutative but not associative, so a
 plain all-reduce (or a running mean) gives results that depend on how the batches were split.
-``PairwiseSum`` instead adds per-batch fp64 partial sums along one fixed binary tree over the
+``PairwiseSum`` instead adds per-batch partial sums (XᵀX in fp32, sum |x| in fp64) along one fixed binary tree over the
 global batch index (batch b is leaf b; a node sums an aligned run of 2^k leaves). A rank owns a
 contiguous run of leaves, sums the whole subtrees inside it, and hands the few partial nodes it
 holds (at most 2·log2(batches)) to rank 0, which completes the same tree. Maxima and integer counts

@@ -6,9 +6,9 @@
   the raw inputs themselves.
 - ``InputRecorder`` collects both with forward pre-hooks on a private copy of a block.
 
-H and sum |x| are sums of per-batch fp64 partials added along one fixed binary tree over the
-global batch index (:class:`quantlab.calibrate.distributed.PairwiseSum`), so one process and N
-torchrun ranks, each holding a share of the batches, get bit-identical statistics.
+H and sum |x| are sums of per-batch partials (XᵀX in fp32, sum |x| in fp64) added along one fixed
+binary tree over the global batch index (:class:`quantlab.calibrate.distributed.PairwiseSum`), so one
+process and N torchrun ranks, each holding a share of the batches, get bit-identical statistics.
 """
 
 from __future__ import annotations
@@ -68,14 +68,17 @@ class LinearInputs:
 class _InputAccumulator:
     """Per-batch XᵀX and sum |x| (into a ``PairwiseSum``), absmax and a strided sample of rows for one input.
 
-    The product is fp32 (as the reference's running mean), each batch's partial is kept in fp64 and
-    the partials are summed along the fixed tree: the rounding never depends on the batching of
-    the other ranks, and fp64 keeps 10^5..10^6-token sums exact to well below fp32's last bit.
+    Each batch's XᵀX is an fp32 partial (the reference keeps its running H in fp32 too) summed along
+    the fixed tree: the rounding never depends on the batching of the other ranks, and a pairwise sum
+    in fp32 errs by ~log2(batches) roundings where the reference's running mean errs by ~batches.
+    Not fp64: the tree holds up to 1 + log2(batches) partials of (in, in) at once, and in fp64 those
+    were a block's peak (5 x 190 MB for Qwen2.5-0.5B's down_proj, 1.6 GB each at Llama-3-8B's 14,336
+    inputs). sum |x| is (in,) and stays fp64.
     """
 
     def __init__(self, row_stride: int | None, keep_inputs: bool, first_leaf: int, token_offset: int) -> None:
         self.row_stride = row_stride  # None: no sample, no percentiles
-        self.sums = distributed.PairwiseSum(first_leaf)  # (XᵀX (in, in), sum |x| (in,)), fp64
+        self.sums = distributed.PairwiseSum(first_leaf)  # (XᵀX (in, in) fp32, sum |x| (in,) fp64)
         self.token_offset = token_offset  # tokens of the calibration set before this rank's share
         self.n = 0
         self.absmax: torch.Tensor | None = None
@@ -89,7 +92,7 @@ class _InputAccumulator:
         n_before = self.n
         self.n += X.shape[0]
         A = X.abs()
-        self.sums.add(((X.t() @ X).double(), A.sum(dim=0, dtype=torch.float64)))
+        self.sums.add((X.t() @ X, A.sum(dim=0, dtype=torch.float64)))
         self.absmax = torch.maximum(self.absmax, A.amax(dim=0))
         if self.row_stride is not None:
             offset = (-(self.token_offset + n_before)) % self.row_stride  # the global stride across batches and ranks
@@ -112,7 +115,7 @@ class _InputAccumulator:
         inputs = self.inputs
         if inputs is not None and distributed.is_distributed():
             inputs = [distributed.gather_rows(torch.cat(inputs))]  # every rank's batches, in global order
-        return LinearInputs((xtx * (2 / max(n, 1))).float(), n, stats, inputs)
+        return LinearInputs(xtx.mul_(2 / max(n, 1)), n, stats, inputs)  # the tree's own sum: no second (in, in)
 
 
 def _column_quantiles(rows: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
